@@ -1,0 +1,38 @@
+"""`mona-dist` command line: each sub-command lives beside the code it drives.
+
+A module listed here defines `register(subparsers)`, adding its commands with `set_defaults(func=...)`.
+Modules import only argparse at top level so that `mona-dist --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "mona_dist.models.cli",  # params, convert
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mona-dist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        # Bad input: one line that names what was wrong, no traceback.
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"mona-dist {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
