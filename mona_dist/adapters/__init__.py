@@ -1,0 +1,90 @@
+"""Parameter-efficient tuning methods for timm Swin / ViT: one registry, one function to apply them.
+
+    from mona_dist.adapters import apply_method, Mona
+    model = timm.create_model("swin_base_patch4_window7_224")
+    apply_method(model, "mona")            # injects 2 Monas per block, freezes everything else
+
+Every method freezes the model first, then adds its modules (which train) and/or unfreezes what it selects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from ..registry import Registry
+from .adapter import Adapter, apply_adapter
+from .adaptformer import apply_adaptformer
+from .blocks import family
+from .highway import Highway, apply_e3va, apply_mona_hw
+from .io import count_parameters, load_adapter, save_adapter, trainable_state_dict
+from .lora import apply_lora
+from .lorand import LoRand, LowRankLinear, apply_lorand
+from .mona import Mona, MonaOp, apply_mona
+from .selective import apply_bitfit, apply_fixed, apply_full, apply_norm, apply_partial1
+
+METHODS: Registry[Callable[..., None]] = Registry("method")
+
+# Methods given the whole model (a Backbone's output norms count) vs. those that only touch transformer blocks.
+_WHOLE_MODEL = {"full", "fixed", "bitfit", "norm", "partial1", "e3va", "mona_hw"}
+
+for _name, _fn in {
+    "full": apply_full,
+    "fixed": apply_fixed,
+    "bitfit": apply_bitfit,
+    "norm": apply_norm,
+    "partial1": apply_partial1,
+    "adapter": apply_adapter,
+    "lora": apply_lora,
+    "adaptformer": apply_adaptformer,
+    "lorand": apply_lorand,
+    "mona": apply_mona,
+    "e3va": apply_e3va,
+    "mona_hw": apply_mona_hw,
+}.items():
+    METHODS.add(_name, _fn)
+
+
+def method_options(method: str) -> dict[str, object]:
+    """The options a method takes, with their defaults."""
+    sig = inspect.signature(METHODS.get(method))
+    return {n: p.default for n, p in list(sig.parameters.items())[1:]}
+
+
+def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
+    """Apply `method` in place to a timm Swin/ViT or a mona_dist Backbone; return the model.
+
+    Unknown methods and options are errors that list the valid ones.
+    """
+    fn = METHODS.get(method)
+    valid = method_options(method)
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise ValueError(f"method {method!r} has no option {bad[0]!r}; valid: {', '.join(valid) or 'none'}")
+    trunk = getattr(model, "trunk", model)
+    family(trunk)  # fail early, naming what is supported
+    if getattr(model, "method", None) is not None:
+        raise ValueError(f"a method ({model.method!r}) is already applied to this model")
+    model.requires_grad_(False)
+    fn(model if method in _WHOLE_MODEL else trunk, **options)
+    model.method = method
+    return model
+
+
+__all__ = [
+    "METHODS",
+    "Adapter",
+    "Highway",
+    "LoRand",
+    "LowRankLinear",
+    "Mona",
+    "MonaOp",
+    "apply_method",
+    "count_parameters",
+    "load_adapter",
+    "method_options",
+    "save_adapter",
+    "trainable_state_dict",
+]

@@ -1,0 +1,144 @@
+"""Where adapters sit inside a timm Swin or ViT block.
+
+A method never edits timm's code. It turns a block into a `PetlSwinBlock` / `PetlViTBlock` (the same object,
+its class swapped, so every pretrained state-dict key stays where it was) and fills one or more *slots*:
+
+    a = attn(norm1(x));  a = attn_adapter(a)          # Adapter, LoRand: on the branch output
+    x = x + drop_path(a);  x = post_attn(x)           # Mona: on the stream, after the residual add
+    m = mlp(norm2(x));     m = mlp_adapter(m)
+    x = x + drop_path(m) + mlp_parallel(x_in)         # AdaptFormer: beside the MLP, fed the post-attention stream
+    x = post_mlp(x)                                   # Mona
+
+An empty slot costs nothing. `swin_block_taps` / `vit_block_taps` run an untouched block and also return its two
+branch outputs, which is what the E3VA highway reads.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.vision_transformer import Block as ViTBlock
+from timm.models.vision_transformer import VisionTransformer
+
+SLOTS = ("attn_adapter", "post_attn", "mlp_adapter", "mlp_parallel", "post_mlp")
+
+
+class GridState:
+    """The patch grid (h, w) of the current forward, shared by a ViT's blocks (tokens carry no shape)."""
+
+    def __init__(self, hw: tuple[int, int]):
+        self.hw = tuple(hw)
+
+
+def _fill(slot: nn.Module | None, x: torch.Tensor, **kw) -> torch.Tensor:
+    return x if slot is None else slot(x, **kw)
+
+
+class PetlSwinBlock(SwinTransformerBlock):
+    """timm's SwinTransformerBlock with adapter slots. Tokens stay (B, H, W, C), the layout Mona's convs want."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        a = _fill(self.attn_adapter, self._attn(self.norm1(x)))
+        x = _fill(self.post_attn, x + self.drop_path1(a))
+        x_in = x
+        m = self.mlp(self.norm2(x.reshape(B, -1, C))).reshape(B, H, W, C)
+        x = x + self.drop_path2(_fill(self.mlp_adapter, m))
+        if self.mlp_parallel is not None:
+            x = x + self.mlp_parallel(x_in)
+        return _fill(self.post_mlp, x)
+
+
+class PetlViTBlock(ViTBlock):
+    """timm's ViT Block with adapter slots. Slots get (B, P+N, C) tokens plus the grid and the prefix count."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        kw = {"hw": self.grid.hw, "num_prefix_tokens": self.num_prefix_tokens}
+        a = self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+        x = x + self.drop_path1(_fill(self.attn_adapter, a, **kw))
+        x = _fill(self.post_attn, x, **kw)
+        x_in = x
+        m = self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path2(_fill(self.mlp_adapter, m, **kw))
+        if self.mlp_parallel is not None:
+            x = x + self.mlp_parallel(x_in, **kw)
+        return _fill(self.post_mlp, x, **kw)
+
+
+def family(model: nn.Module) -> str:
+    """'swin' or 'vit' for a timm trunk; anything else is a clear error."""
+    if isinstance(model, SwinTransformer):
+        return "swin"
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    raise ValueError(
+        f"unsupported model type {type(model).__name__}; supported: timm SwinTransformer, VisionTransformer"
+    )
+
+
+def iter_blocks(trunk: nn.Module) -> Iterator[tuple[int, nn.Module, int]]:
+    """(stage index, block, channels) for every transformer block, in forward order."""
+    if family(trunk) == "swin":
+        for s, stage in enumerate(trunk.layers):
+            for blk in stage.blocks:
+                yield s, blk, blk.dim
+    else:
+        for blk in trunk.blocks:
+            yield 0, blk, trunk.embed_dim
+
+
+def make_petl(trunk: nn.Module, blk: nn.Module) -> nn.Module:
+    """Swap `blk` to the slotted class in place (idempotent) and return it."""
+    if isinstance(blk, (PetlSwinBlock, PetlViTBlock)):
+        return blk
+    if type(blk) is SwinTransformerBlock:
+        blk.__class__ = PetlSwinBlock
+    elif type(blk) is ViTBlock:
+        blk.__class__ = PetlViTBlock
+        blk.grid = _grid_state(trunk)
+        blk.num_prefix_tokens = trunk.num_prefix_tokens
+    else:
+        raise ValueError(f"unsupported block type {type(blk).__name__}; supported: timm SwinTransformerBlock, Block")
+    for slot in SLOTS:
+        setattr(blk, slot, None)
+    return blk
+
+
+def _grid_state(trunk: nn.Module) -> GridState:
+    """One GridState per ViT, refreshed from the patch embedding's output on every forward."""
+    state = getattr(trunk, "_petl_grid", None)
+    if state is None:
+        state = GridState(trunk.patch_embed.grid_size)
+        trunk._petl_grid = state
+
+        def record(module, inputs, out):
+            # dynamic_img_size keeps (B, H, W, C); otherwise the grid is the input size over the patch size.
+            if out.dim() == 4:
+                state.hw = (out.shape[1], out.shape[2])
+            else:
+                h, w = inputs[0].shape[-2:]
+                ph, pw = module.patch_size
+                state.hw = (h // ph, w // pw)
+
+        trunk.patch_embed.register_forward_hook(record)
+    return state
+
+
+def swin_block_taps(blk: SwinTransformerBlock, x: torch.Tensor):
+    """Run a plain Swin block; return (output, attention-branch output, MLP-branch output), all (B, H, W, C)."""
+    B, H, W, C = x.shape
+    a = blk._attn(blk.norm1(x))
+    x = x + blk.drop_path1(a)
+    m = blk.mlp(blk.norm2(x.reshape(B, -1, C))).reshape(B, H, W, C)
+    return x + blk.drop_path2(m), a, m
+
+
+def vit_block_taps(blk: ViTBlock, x: torch.Tensor):
+    """Run a plain ViT block; return (output, attention-branch output, MLP-branch output), all (B, P+N, C)."""
+    a = blk.ls1(blk.attn(blk.norm1(x)))
+    x = x + blk.drop_path1(a)
+    m = blk.ls2(blk.mlp(blk.norm2(x)))
+    return x + blk.drop_path2(m), a, m

@@ -1,0 +1,174 @@
+"""Backbones: a timm Swin or ViT trunk, a tuning method, and output norms -> a list of NCHW maps for a neck.
+
+    bb = build_backbone("swin_large_patch4_window7_224", "mona", drop_path_rate=0.3)
+    feats = bb(images)            # 4 maps, strides 4/8/16/32, channels bb.out_channels
+
+Swin outputs every stage by default; ViT outputs 4 evenly spaced blocks (stride 16 each; a task neck makes the
+pyramid). Each output passes its own LayerNorm (`out_norms`, as in the detection/segmentation Swin of the papers);
+the last one starts from the trunk's pretrained final norm. Under the block methods these norms stay frozen
+(the Mona recipe); full/norm/bitfit select them by name; E3VA and mona_hw train them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+from ..adapters import apply_method
+from ..adapters.blocks import family
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str
+    timm_kwargs: dict = field(default_factory=dict)
+
+
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+for _n in (
+    "swin_tiny_patch4_window7_224",
+    "swin_small_patch4_window7_224",
+    "swin_base_patch4_window7_224",
+    "swin_base_patch4_window12_384",
+    "swin_large_patch4_window7_224",
+    "swin_large_patch4_window12_384",
+):
+    BACKBONES.add(_n, BackboneSpec(_n, {"strict_img_size": False}))  # any input size; windows pad
+for _n in (
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "vit_base_patch16_384",
+    "vit_large_patch16_224",
+    "vit_large_patch16_384",
+    "vit_base_patch14_reg4_dinov2",
+    "vit_large_patch14_reg4_dinov2",
+):
+    BACKBONES.add(_n, BackboneSpec(_n, {"dynamic_img_size": True}))
+# Small enough for CPU tests, demos and CI; same code paths as the large ones.
+BACKBONES.add(
+    "swin_nano_patch4_window7",
+    BackboneSpec(
+        "swin_tiny_patch4_window7_224",
+        {"strict_img_size": False, "embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8)},
+    ),
+)
+BACKBONES.add(
+    "vit_nano_patch16",
+    BackboneSpec("vit_small_patch16_224", {"dynamic_img_size": True, "embed_dim": 64, "depth": 4, "num_heads": 2}),
+)
+
+
+class Backbone(nn.Module):
+    """A timm trunk with a method applied, returning NCHW maps. Build it with `build_backbone`."""
+
+    def __init__(self, name: str, trunk: nn.Module, out_indices: tuple[int, ...] | None = None):
+        super().__init__()
+        self.name = name
+        self.family = family(trunk)
+        self.method = None
+        self.highway = None
+        if self.family == "swin":
+            dims = [st.blocks[0].dim for st in trunk.layers]
+            strides = [trunk.patch_embed.patch_size[0] * 2**i for i in range(len(dims))]
+            out_indices = tuple(range(len(dims))) if out_indices is None else tuple(out_indices)
+        else:
+            depth = len(trunk.blocks)
+            dims = [trunk.embed_dim] * depth
+            strides = [trunk.patch_embed.patch_size[0]] * depth
+            out_indices = tuple((i + 1) * depth // 4 - 1 for i in range(4)) if out_indices is None else tuple(out_indices)
+        if not out_indices or sorted(set(out_indices)) != list(out_indices) or not 0 <= out_indices[-1] < len(dims):
+            raise ValueError(f"out_indices must be increasing indices below {len(dims)}, got {list(out_indices)}")
+        self.out_indices = out_indices
+        self.out_channels = [dims[i] for i in out_indices]
+        self.out_strides = [strides[i] for i in out_indices]
+        # Stages/blocks after the last output would never run (and would be unused parameters under DDP).
+        if self.family == "swin":
+            trunk.layers = trunk.layers[: out_indices[-1] + 1]
+        else:
+            trunk.blocks = trunk.blocks[: out_indices[-1] + 1]
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
+        if out_indices[-1] == len(dims) - 1 and isinstance(trunk.norm, nn.LayerNorm):
+            self.out_norms[-1].load_state_dict(trunk.norm.state_dict())
+        trunk.norm = nn.Identity()
+        trunk.reset_classifier(0)
+        self.trunk = trunk
+        # The trunk's own tensors (before any method adds some): what "the backbone loaded" is measured against.
+        self.trunk_keys = frozenset(trunk.state_dict())
+
+    def _trunk_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        t, outs = self.trunk, []
+        x = t.patch_embed(images)
+        if self.family == "swin":
+            for s, stage in enumerate(t.layers):
+                x = stage(x)
+                if s in self.out_indices:
+                    outs.append(x)
+        else:
+            x = t.norm_pre(t.patch_drop(t._pos_embed(x)))
+            for i, blk in enumerate(t.blocks):
+                x = blk(x)
+                if i in self.out_indices:
+                    outs.append(x)
+        return outs
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.family == "vit":
+            ph, pw = self.trunk.patch_embed.patch_size
+            if images.shape[-2] % ph or images.shape[-1] % pw:
+                raise ValueError(f"ViT input {tuple(images.shape[-2:])} is not divisible by the patch size {ph}")
+        feats = self.highway(self.trunk, images) if self.highway is not None else self._trunk_features(images)
+        return [self._nchw(norm(f), images) for norm, f in zip(self.out_norms, feats)]
+
+    def _nchw(self, f: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if f.dim() == 4:  # Swin: (B, H, W, C)
+            return f.permute(0, 3, 1, 2).contiguous()
+        ph, pw = self.trunk.patch_embed.patch_size
+        h, w = images.shape[-2] // ph, images.shape[-1] // pw
+        patches = f[:, self.trunk.num_prefix_tokens :]
+        return patches.transpose(1, 2).reshape(f.shape[0], f.shape[-1], h, w)
+
+
+def build_backbone(
+    name: str,
+    method: str = "full",
+    pretrained: str | None = None,
+    out_indices: tuple[int, ...] | None = None,
+    drop_path_rate: float = 0.0,
+    **method_options,
+) -> Backbone:
+    """Build a registered timm Swin/ViT, load `pretrained` (a local file), apply `method`.
+
+    Weights load before the method is applied, so official Mona checkpoints (which carry the Mona modules) load
+    after the method: see `mona_dist.models.pretrained.load_pretrained` for the formats.
+    """
+    spec = BACKBONES.get(name)
+    trunk = timm.create_model(spec.timm_name, pretrained=False, drop_path_rate=drop_path_rate, **spec.timm_kwargs)
+    bb = Backbone(name, trunk, out_indices)
+    apply_method(bb, method, **method_options)
+    if pretrained:
+        from .pretrained import load_pretrained
+
+        load_pretrained(bb, pretrained)
+    return bb
+
+
+def checkpoint_units(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every module that activation checkpointing should wrap in `model`.
+
+    Block methods: each transformer block. Highway methods: the highway adapters (the frozen trunk runs without
+    grad and keeps nothing, so checkpointing it would only cost time).
+    """
+    units = []
+    for m in model.modules():
+        if isinstance(m, Backbone):
+            if m.highway is not None:
+                units += m.highway.checkpoint_units()
+            elif m.family == "swin":
+                units += [(st.blocks, str(j)) for st in m.trunk.layers for j in range(len(st.blocks))]
+            else:
+                units += [(m.trunk.blocks, str(j)) for j in range(len(m.trunk.blocks))]
+    return units

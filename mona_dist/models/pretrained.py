@@ -1,0 +1,149 @@
+"""Loading local pretrained weights into a Backbone, whatever format they come in.
+
+Accepted (detected from the keys, never from the file name):
+- timm format: `layers.N.blocks.M...` (downsample at the start of a stage), `norm.*`, `head.fc.*`;
+- Microsoft Swin release: `{"model": {...}}`, downsample at the *end* of a stage, `head.*`;
+- an official Mona checkpoint (mmdet/mmseg): `{"state_dict": {"backbone.layers...", "neck...", ...}}`, Mona
+  modules as `blocks.M.my_module_1/2`, output norms as `backbone.norm0..3`;
+- our own files (`mona-dist convert` output, or any Backbone `state_dict()`): `trunk.*`, `out_norms.*`,
+  method tensors;
+- `.safetensors` or torch files; torch files load with `weights_only=True`, so a checkpoint cannot run code.
+
+The official Mona code silently loads nothing when the names do not match. Here missing and unexpected keys are
+reported, and fewer than 90 % of the trunk's tensors loaded is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from timm.layers import resize_rel_pos_bias_table
+
+log = logging.getLogger(__name__)
+
+MIN_LOADED_FRACTION = 0.9
+# The official Mona block attributes -> our slots (mona_dist.adapters.blocks).
+OFFICIAL_MONA_NAMES = {"my_module_1": "post_attn", "my_module_2": "post_mlp"}
+
+
+@dataclass
+class LoadReport:
+    loaded: int
+    expected: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    method_loaded: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.loaded / max(self.expected, 1)
+
+    def summary(self) -> str:
+        return (
+            f"loaded {self.loaded}/{self.expected} trunk tensors ({self.fraction:.0%}), {self.method_loaded} method "
+            f"tensors; {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.mismatched)} shape-mismatched"
+        )
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The flat tensor dict inside a local checkpoint file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, foreign or pickled-code files all end here
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} holds no tensor state dict")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):  # a detector/segmentor: keep only its backbone
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
+
+
+def to_backbone_names(sd: dict[str, torch.Tensor], bb) -> dict[str, torch.Tensor]:
+    """Rename any accepted format into `bb.state_dict()` names."""
+    if any(k.startswith(("trunk.", "out_norms.")) for k in sd):
+        return dict(sd)  # already ours
+    trunk = bb.trunk
+    old_swin = bb.family == "swin" and "layers.0.downsample.reduction.weight" in sd
+    last = len(trunk.layers if bb.family == "swin" else trunk.blocks) - 1
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if "relative_position_index" in k or "attn_mask" in k or k.startswith("head"):
+            continue  # non-persistent buffers and classifiers
+        for official, ours in OFFICIAL_MONA_NAMES.items():
+            k = k.replace(f".{official}.", f".{ours}.")
+        m = re.fullmatch(r"norm(\d+)\.(weight|bias)", k)
+        if m and bb.family == "swin":  # mmdet-style output norms
+            idx = int(m.group(1))
+            if idx in bb.out_indices:
+                out[f"out_norms.{bb.out_indices.index(idx)}.{m.group(2)}"] = v
+            continue
+        if k in ("norm.weight", "norm.bias"):  # the trunk's final norm feeds the last output
+            if bb.out_indices[-1] == last:
+                out[f"out_norms.{len(bb.out_indices) - 1}.{k.split('.')[1]}"] = v
+            continue
+        if old_swin:  # Microsoft's release merges at the end of stage N, timm at the start of stage N+1
+            k = re.sub(r"layers\.(\d+)\.downsample", lambda g: f"layers.{int(g.group(1)) + 1}.downsample", k)
+        out[f"trunk.{k}"] = v
+    return _resize_to(out, bb)
+
+
+def _resize_to(sd: dict[str, torch.Tensor], bb) -> dict[str, torch.Tensor]:
+    """Resample relative-position tables (other window sizes) and ViT position embeddings (other image sizes)."""
+    own = bb.state_dict()
+    for k, v in list(sd.items()):
+        if k not in own or own[k].shape == v.shape:
+            continue
+        if k.endswith("relative_position_bias_table"):
+            attn = bb.get_submodule(k.rsplit(".", 1)[0])
+            sd[k] = resize_rel_pos_bias_table(v, new_window_size=attn.window_size, new_bias_shape=own[k].shape)
+        elif k == "trunk.pos_embed":
+            from timm.layers import resample_abs_pos_embed
+
+            prefix = 0 if bb.trunk.no_embed_class else bb.trunk.num_prefix_tokens
+            sd[k] = resample_abs_pos_embed(v, bb.trunk.patch_embed.grid_size, num_prefix_tokens=prefix)
+    return sd
+
+
+def load_pretrained(bb, path: str | Path) -> LoadReport:
+    """Load `path` into backbone `bb` (method already applied); raise if under 90 % of the trunk loaded."""
+    sd = to_backbone_names(read_checkpoint(path), bb)
+    own = bb.state_dict()
+    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    trunk_expected = {f"trunk.{k}" for k in bb.trunk_keys}
+    report = LoadReport(
+        loaded=len(trunk_expected & set(usable)),
+        expected=len(trunk_expected),
+        missing=sorted(trunk_expected - set(usable)),
+        unexpected=sorted(k for k in sd if k not in own),
+        mismatched=sorted(k for k in sd if k in own and own[k].shape != sd[k].shape),
+        method_loaded=len({k for k in usable if not k.startswith(("trunk.", "out_norms."))}
+                          | {k for k in usable if k.startswith("trunk.") and k not in trunk_expected}),
+    )
+    if report.fraction < MIN_LOADED_FRACTION:
+        example = (report.unexpected or report.mismatched or ["<none>"])[0]
+        raise ValueError(
+            f"{path}: only {report.loaded}/{report.expected} backbone tensors match {bb.name} "
+            f"({report.fraction:.0%} < 90%); first unmatched key in the file: {example}"
+        )
+    bb.load_state_dict(usable, strict=False)
+    if bb.highway is not None and not any(k.startswith("highway.merges.") for k in usable):
+        bb.highway.copy_merges_from(bb.trunk)  # the highway's merges start as copies of the loaded ones
+    log.info("%s: %s", path, report.summary())
+    return report

@@ -1,0 +1,110 @@
+"""The E3VA highway: autograd keeps no activation of the frozen backbone; LoRA-FA keeps not even the taps."""
+
+import pytest
+import timm
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from mona_dist.adapters import apply_method
+from mona_dist.models import build_backbone
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def saved_tensor_origins(bb, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Run forward and sort every tensor autograd saved for backward by where it came from.
+
+    'trunk': produced inside a frozen-backbone module (qkv, attention, norms, MLP hidden, ...),
+    'tap': a tensor the highway's adapters read, 'param': a parameter, 'other': the highway's own tensors.
+    """
+    produced, taps, keep = set(), set(), []
+
+    def on_output(_m, _i, out):
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor):
+                produced.add(_storage(t))
+                keep.append(t)  # hold on to it so its memory is not reused by a later tensor
+
+    def on_adapter_input(_m, args):
+        taps.add(_storage(args[0]))
+        keep.append(args[0])
+
+    hooks = [m.register_forward_hook(on_output) for m in bb.trunk.modules()]
+    if bb.highway is not None:
+        for mods in (bb.highway.attn_adapters, bb.highway.mlp_adapters):
+            hooks += [m.register_forward_pre_hook(on_adapter_input) for m in mods]
+    params = {_storage(p) for p in bb.parameters()}
+    saved: list[torch.Tensor] = []
+    with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = bb(x)
+    for h in hooks:
+        h.remove()
+    origins = {"trunk": [], "tap": [], "param": [], "other": []}
+    for t in saved:
+        s = _storage(t)
+        kind = "param" if s in params else "tap" if s in taps else "trunk" if s in produced else "other"
+        origins[kind].append(t)
+    assert out[0].requires_grad
+    return origins
+
+
+def _nbytes(ts):
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+@pytest.mark.parametrize("backbone", ["swin_nano_patch4_window7", "vit_nano_patch16"])
+@pytest.mark.parametrize("method", ["e3va", "mona_hw"])
+def test_highway_saves_no_backbone_activation(backbone, method):
+    origins = saved_tensor_origins(build_backbone(backbone, method), torch.randn(2, 3, 64, 64))
+    assert origins["trunk"] == []
+    assert origins["tap"], "the plain highway keeps the taps its adapters read"
+
+
+@pytest.mark.parametrize("backbone", ["swin_nano_patch4_window7", "vit_nano_patch16"])
+@pytest.mark.parametrize("method", ["e3va", "mona_hw"])
+def test_lora_fa_keeps_not_even_the_taps(backbone, method):
+    x = torch.randn(2, 3, 64, 64)
+    plain = saved_tensor_origins(build_backbone(backbone, method), x)
+    fa = saved_tensor_origins(build_backbone(backbone, method, lora_fa=True), x)
+    assert fa["trunk"] == [] and fa["tap"] == []
+    assert _nbytes(fa["other"]) < _nbytes(plain["other"] + plain["tap"])
+
+
+@pytest.mark.parametrize("method", ["mona", "full"])
+def test_the_check_does_catch_backbone_activations_of_block_methods(method):
+    origins = saved_tensor_origins(build_backbone("swin_nano_patch4_window7", method), torch.randn(2, 3, 64, 64))
+    assert len(origins["trunk"]) > 20
+
+
+def test_highway_starts_at_the_frozen_backbone_features():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    hw = build_backbone("swin_nano_patch4_window7", "e3va").eval()
+    fixed = build_backbone("swin_nano_patch4_window7", "fixed").eval()
+    fixed.load_state_dict({k: v for k, v in hw.state_dict().items() if not k.startswith("highway.")})
+    for a, b in zip(hw(x), fixed(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_highway_merges_start_as_copies_of_the_backbone_patch_merging():
+    bb = build_backbone("swin_nano_patch4_window7", "e3va")
+    for merge, stage in zip(bb.highway.merges[1:], bb.trunk.layers[1:]):
+        assert torch.equal(merge.reduction.weight, stage.downsample.reduction.weight)
+        assert torch.equal(merge.scale, stage.downsample.norm.weight)
+        assert not merge.reduction.weight.requires_grad
+    bb = build_backbone("swin_nano_patch4_window7", "e3va", train_downsample=True)
+    assert bb.highway.merges[1].reduction.weight.requires_grad
+
+
+@pytest.mark.parametrize("method", ["e3va", "mona_hw", "mona", "lora"])
+def test_methods_apply_to_a_users_own_timm_model(method):
+    model = timm.create_model("vit_small_patch16_224", embed_dim=64, depth=2, num_heads=2, reg_tokens=4,
+                              num_classes=5, img_size=64)
+    apply_method(model, method)
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 5)
+    logits.sum().backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert model.pos_embed.grad is None

@@ -1,0 +1,36 @@
+"""Backbone outputs, ViT prefix tokens and activation-checkpointing units."""
+
+import pytest
+import torch
+
+from mona_dist.models import build_backbone, checkpoint_units
+
+
+def test_swin_takes_any_input_size_divisible_by_the_patch():
+    bb = build_backbone("swin_nano_patch4_window7", "mona")
+    feats = bb(torch.randn(1, 3, 72, 100))  # windows pad; 25 and 13 are not multiples of 7
+    assert [tuple(f.shape[-2:]) for f in feats] == [(18, 25), (9, 13), (5, 7), (3, 4)]
+
+
+def test_out_indices_select_and_prune():
+    bb = build_backbone("swin_nano_patch4_window7", "mona", out_indices=(1, 2))
+    assert bb.out_channels == [64, 128] and bb.out_strides == [8, 16]
+    assert len(bb.trunk.layers) == 3  # the last stage never runs, so it is not kept
+    with pytest.raises(ValueError, match="out_indices must be increasing"):
+        build_backbone("swin_nano_patch4_window7", "mona", out_indices=(2, 1))
+
+
+def test_vit_outputs_drop_prefix_tokens_and_check_the_patch_size():
+    bb = build_backbone("vit_nano_patch16", "mona")
+    assert bb.out_indices == (0, 1, 2, 3)
+    feats = bb(torch.randn(2, 3, 48, 80))
+    assert all(tuple(f.shape) == (2, 64, 3, 5) for f in feats)
+    with pytest.raises(ValueError, match="not divisible by the patch size 16"):
+        bb(torch.randn(1, 3, 50, 64))
+
+
+def test_checkpoint_units_are_blocks_or_highway_adapters():
+    assert len(checkpoint_units(build_backbone("swin_nano_patch4_window7", "mona"))) == 8
+    assert len(checkpoint_units(build_backbone("vit_nano_patch16", "lora"))) == 4
+    assert len(checkpoint_units(build_backbone("swin_nano_patch4_window7", "e3va"))) == 16
+    assert checkpoint_units(build_backbone("swin_nano_patch4_window7", "e3va", lora_fa=True)) == []

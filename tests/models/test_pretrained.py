@@ -1,0 +1,106 @@
+"""Pretrained files in timm, Microsoft-Swin and official-Mona formats load; too little loaded is an error."""
+
+import re
+
+import pytest
+import timm
+import torch
+
+from mona_dist.cli import main
+from mona_dist.models import build_backbone
+
+NANO = "swin_nano_patch4_window7"
+
+
+def _source(method="mona"):
+    torch.manual_seed(3)
+    bb = build_backbone(NANO, method)
+    with torch.no_grad():
+        for p in bb.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return bb.eval()
+
+
+def official_mona_checkpoint(bb) -> dict:
+    """What the official Mona (mmdet) code saves: `backbone.` prefix, `my_module_1/2`, merging at the end of a stage,
+    output norms `norm0..3`, buffers, plus neck/head tensors that are not ours to load."""
+    sd = {}
+    for k, v in bb.state_dict().items():
+        k = k.removeprefix("trunk.").replace(".post_attn.", ".my_module_1.").replace(".post_mlp.", ".my_module_2.")
+        k = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        k = re.sub(r"out_norms\.(\d+)\.", r"norm\1.", k)
+        sd[f"backbone.{k}"] = v
+    sd["backbone.layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
+    sd["neck.lateral_convs.0.conv.weight"] = torch.randn(8, 32, 1, 1)
+    return {"meta": {"mmdet_version": "2.11.0"}, "state_dict": sd}
+
+
+def _assert_same(a, b):
+    x = torch.randn(1, 3, 64, 64)
+    for fa, fb in zip(a.eval()(x), b.eval()(x)):
+        torch.testing.assert_close(fa, fb)
+
+
+def test_official_mona_checkpoint_loads_everything(tmp_path):
+    src = _source()
+    path = tmp_path / "mona_official.pth"
+    torch.save(official_mona_checkpoint(src), path)
+    _assert_same(build_backbone(NANO, "mona", pretrained=str(path)), src)
+
+
+def test_microsoft_swin_release_loads_into_any_method(tmp_path):
+    src = _source("fixed")
+    sd = official_mona_checkpoint(src)["state_dict"]
+    ms = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.") and "norm0" not in k}
+    ms = {re.sub(r"^norm3\.", "norm.", k): v for k, v in ms.items() if not re.match(r"norm[12]\.", k)}
+    ms["head.weight"] = torch.randn(1000, 256)
+    path = tmp_path / "swin_ms.pth"
+    torch.save({"model": ms}, path)
+    bb = build_backbone(NANO, "e3va", pretrained=str(path))
+    for k, v in src.trunk.state_dict().items():
+        assert torch.equal(bb.trunk.state_dict()[k], v), k
+    assert torch.equal(bb.out_norms[3].weight, src.out_norms[3].weight)
+    # the highway's merges were copied from the loaded (not the random) patch merging
+    assert torch.equal(bb.highway.merges[2].reduction.weight, src.trunk.layers[2].downsample.reduction.weight)
+
+
+def test_timm_format_with_window_resize(tmp_path):
+    timm_model = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=32, depths=(2, 2, 2, 2),
+                                   num_heads=(1, 2, 4, 8), window_size=8)  # another window: tables resample
+    path = tmp_path / "timm.pth"
+    torch.save(timm_model.state_dict(), path)
+    bb = build_backbone(NANO, "lora", pretrained=str(path))
+    assert torch.equal(bb.trunk.layers[1].blocks[0].attn.qkv.weight, timm_model.layers[1].blocks[0].attn.qkv.weight)
+    assert bb.trunk.layers[0].blocks[0].attn.relative_position_bias_table.shape == (13 * 13, 1)
+
+
+def test_a_checkpoint_that_loads_too_little_is_an_error(tmp_path):
+    path = tmp_path / "vit.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", depth=2).state_dict(), path)
+    with pytest.raises(ValueError, match=r"only \d+/\d+ backbone tensors match swin_nano_patch4_window7"):
+        build_backbone(NANO, "mona", pretrained=str(path))
+
+
+def test_truncated_or_code_carrying_files_are_refused(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(_source().state_dict(), good)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        build_backbone(NANO, "mona", pretrained=str(cut))
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": print}, evil)  # a pickled callable
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        build_backbone(NANO, "mona", pretrained=str(evil))
+
+
+def test_convert_command_turns_an_official_checkpoint_into_ours(tmp_path, capsys):
+    src = _source()
+    official = tmp_path / "official.pth"
+    torch.save(official_mona_checkpoint(src), official)
+    ours = tmp_path / "ours.safetensors"
+    assert main(["convert", str(official), str(ours), "--backbone", NANO]) == 0
+    _assert_same(build_backbone(NANO, "mona", pretrained=str(ours)), src)
+    adapter = tmp_path / "adapter.safetensors"
+    assert main(["convert", str(official), str(adapter), "--backbone", NANO, "--adapter-only"]) == 0
+    assert adapter.stat().st_size < ours.stat().st_size / 3
