@@ -1,0 +1,188 @@
+"""Where training memory goes, counted exactly: model state, saved activations, and the readings of the device.
+
+- `saved_activation_bytes`: every tensor autograd keeps for backward during a forward, via
+  `torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters excluded (they are model state).
+- `model_state_bytes`: parameters + gradients + optimizer state held by *this rank*: every distinct tensor storage
+  reachable from the parameters (ZeRO-3 keeps the rank's shard in `p.ds_tensor`) and from the optimizer object
+  (torch's `state`, DeepSpeed's flat fp32 partitions, their gradients and its bucket buffers alike).
+- `zero_model_state_estimate`: the ZeRO paper's arithmetic for the same quantity, printed beside the measurement.
+- `PeakMemory`: CUDA `max_memory_allocated` since a reset on GPU; on CPU the process's peak RSS (VmHWM), reset
+  through /proc/self/clear_refs, both relative to what was allocated before the measured step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def saved_activation_bytes(
+    fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = (), checkpointed: Iterable[nn.Module] = ()
+) -> tuple[int, Any]:
+    """Bytes of the distinct storages kept for backward while running `fn()`, minus those of `exclude`; and fn's result.
+
+    Non-reentrant activation checkpointing keeps the *inputs* of each checkpointed module by reference (its own
+    hooks replace every saved tensor inside by a placeholder), so the inputs of `checkpointed` modules are counted
+    too. Storages are held until the count is done, so memory freed mid-forward cannot be reused and counted twice.
+    """
+    skip = {_storage_key(t) for t in exclude if t.numel() > 0}
+    seen: dict[tuple[str, int], int] = {}
+    held: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in skip:
+            seen[key] = _storage_bytes(t)
+            held.append(t)
+        return t
+
+    def keep_input(_module, args):
+        if torch.is_grad_enabled():
+            for t in args:
+                if isinstance(t, torch.Tensor):
+                    pack(t)
+
+    hooks = [m.register_forward_pre_hook(keep_input) for m in checkpointed]
+    try:
+        with saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(seen.values()), out
+
+
+def _tensors_in(obj: Any, depth: int = 0, visited: set[int] | None = None) -> Iterable[torch.Tensor]:
+    """Every tensor reachable from obj through dicts, lists, tuples and object attributes (bounded depth)."""
+    visited = set() if visited is None else visited
+    if id(obj) in visited or depth > 6:
+        return
+    visited.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        if obj.grad is not None:
+            yield obj.grad
+        ds = getattr(obj, "ds_tensor", None)
+        if isinstance(ds, torch.Tensor):
+            yield ds
+        return
+    if isinstance(obj, nn.Module):
+        return  # modules are reached through their parameters, not through the optimizer's back-references
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple, set)):
+        items = obj
+    elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("torch", "deepspeed", "fairscale"):
+        items = vars(obj).values()
+    else:
+        return
+    for item in items:
+        yield from _tensors_in(item, depth + 1, visited)
+
+
+def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]:
+    """{'params', 'grads', 'optimizer', 'total'}: distinct storages this rank holds for the model's state."""
+    seen: set[tuple[str, int]] = set()
+
+    def take(ts: Iterable[torch.Tensor]) -> int:
+        total = 0
+        for t in ts:
+            if t.numel() == 0:
+                continue
+            key = _storage_key(t)
+            if key not in seen:
+                seen.add(key)
+                total += _storage_bytes(t)
+        return total
+
+    params = list(model.parameters())
+    out = {
+        "params": take([getattr(p, "ds_tensor", None) if p.numel() == 0 else p for p in params
+                        if p.numel() or getattr(p, "ds_tensor", None) is not None]),
+        "grads": take(p.grad for p in params if p.grad is not None),
+        "optimizer": take(_tensors_in(optimizer)) if optimizer is not None else 0,
+    }
+    out["total"] = out["params"] + out["grads"] + out["optimizer"]
+    return out
+
+
+def zero_model_state_estimate(
+    trainable: int, frozen: int, precision: str, zero_stage: int, world_size: int
+) -> dict[str, int]:
+    """Model-state bytes per rank by the ZeRO paper's accounting (Rajbhandari et al., 2020), Adam optimizer.
+
+    Weights and grads in the training precision (2 bytes for bf16/fp16, 4 for fp32); Adam's two moments in fp32;
+    an fp32 master copy of the trainable weights under bf16/fp16. Stage 1 shards optimizer state, stage 2 also the
+    gradients, stage 3 also the weights (frozen ones included). Frozen weights need no grads and no optimizer state.
+    """
+    b = 4 if precision == "fp32" else 2
+    n = max(world_size, 1)
+    opt = trainable * (8 + (4 if b == 2 else 0))
+    params = (trainable + frozen) * b
+    grads = trainable * b
+    return {
+        "params": params // n if zero_stage >= 3 else params,
+        "grads": grads // n if zero_stage >= 2 else grads,
+        "optimizer": opt // n if zero_stage >= 1 else opt,
+        "total": (params // n if zero_stage >= 3 else params)
+        + (grads // n if zero_stage >= 2 else grads)
+        + (opt // n if zero_stage >= 1 else opt),
+    }
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory of the code run between `start()` and `stop()`, above what was held at `start()`.
+
+    On CUDA: `max_memory_allocated` (exact allocator bytes). On CPU: peak RSS (includes allocator slack and
+    anything else the process touched; a coarser, real reading beside the exact accounting).
+    """
+
+    device: torch.device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            except OSError:
+                pass
+            self.base = _rss_kib("VmRSS") * 1024
+
+    def stop(self) -> int:
+        """Peak bytes above the start; on CUDA also callable as the absolute peak via `absolute`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.absolute = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.absolute = _rss_kib("VmHWM") * 1024
+        return max(self.absolute - self.base, 0)
+
+
+def rss_bytes() -> int:
+    return _rss_kib("VmRSS") * 1024 if os.path.exists("/proc/self/status") else 0

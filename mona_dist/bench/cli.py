@@ -1,0 +1,70 @@
+"""`mona-dist bench`: memory and time of methods on one backbone, side by side, as JSON, Markdown, PNG, TensorBoard."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_METHODS = "full,fixed,mona,mona_hw,e3va,lora,adapter,adaptformer,lorand,bitfit"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="compare training memory and time of methods side by side")
+    p.add_argument("--backbone", default="swin_base_patch4_window7_224")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated; options after a colon, e.g. e3va:lora_fa=true (default: %(default)s)")
+    p.add_argument("--task", choices=["cls", "seg", "det"], default="cls")
+    p.add_argument("--batch-size", type=int, default=2, help="per rank")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--engine", choices=["ddp", "deepspeed", "fairscale"], default="ddp")
+    p.add_argument("--zero", type=int, default=0, help="ZeRO stage (deepspeed 0-3, fairscale 1-2)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.set_defaults(func=bench)
+
+
+def bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..distributed import init_distributed
+    from .report import write_outputs
+    from .runner import BenchSpec, run_bench
+
+    device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    dist = init_distributed()
+    device = torch.device("cuda", dist.local_rank) if device_kind == "cuda" else torch.device("cpu")
+    spec = BenchSpec(
+        backbone=args.backbone, methods=[m for m in args.methods.split(",") if m], task=args.task,
+        batch_size=args.batch_size, img_size=args.img_size, steps=args.steps, warmup=args.warmup,
+        engine=args.engine, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
+        precision=args.precision or ("bf16" if device_kind == "cuda" else "fp32"),
+    )
+    rows = run_bench(spec, device, local_rank=dist.local_rank, world_size=dist.world_size)
+    if dist.rank == 0:
+        meta = {**vars(spec), "device": device.type, "world_size": dist.world_size,
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+                "command": "mona-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:] if "local_rank" not in a)}
+        print(write_outputs(rows, meta, args.out))
+        print(f"wrote {args.out}/bench.json, bench.md, bench.png, tb/")
+    return 0
+
+
+def _cpu_name() -> str:
+    import os
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "CPU"
+    return f"{model} ({os.cpu_count()} cores)"

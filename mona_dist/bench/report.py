@@ -1,0 +1,122 @@
+"""bench.json, bench.md (a README-ready table), bench.png (memory and time bars) and TensorBoard, from bench rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# The papers' own ratios, printed as the anchor the measured ones are read against (REFERENCE.md, V-PETL tables).
+PAPER_ANCHORS = [
+    "E3VA paper: peak memory 0.45x full (COCO Cascade Mask R-CNN, Swin-B: 7639 / 17061 MB), 0.31x full "
+    "(VOC RetinaNet, Swin-L: 4819 / 15679 MB); training time -26.2 % on average.",
+    "Same tables: Mona 0.82x full (13996 / 17061 MB) and 0.76x (11958 / 15679 MB); frozen backbone 0.42x / 0.25x.",
+]
+
+# (method, ratio key, bound, description). A goal is checked only when its method (and reference) was measured.
+GOALS = [
+    ("e3va", "peak_vs_fixed", 1.05, "e3va peak <= 1.05x fixed"),
+    ("e3va", "peak_vs_full", 0.40, "e3va peak <= 0.40x full"),
+    ("e3va", "time_vs_full", 0.40, "e3va step time <= 0.40x full"),
+    ("mona_hw", "peak_vs_fixed", 1.05, "mona_hw peak <= 1.05x fixed"),
+    ("mona_hw", "peak_vs_full", 0.40, "mona_hw peak <= 0.40x full"),
+    ("mona_hw", "time_vs_full", 0.40, "mona_hw step time <= 0.40x full"),
+]
+AC_GOAL = ("mona", "peak_vs_full", 0.50, "mona with activation checkpointing peak <= 0.50x full")
+
+
+def goal_lines(rows: list[dict], activation_checkpointing: bool) -> list[str]:
+    by = {r["method"]: r for r in rows}
+    goals = GOALS + ([AC_GOAL] if activation_checkpointing else [])
+    out = []
+    for method, key, bound, text in goals:
+        for label, row in by.items():
+            if label.split(":")[0] != method or row.get(key) is None:
+                continue
+            verdict = "met" if row[key] <= bound else "MISSED"
+            out.append(f"{text.replace(method, label, 1)}: measured {row[key]:.2f}x -> {verdict}")
+    return out
+
+
+def _mib(b: float | None) -> str:
+    return "" if b is None else f"{b / 2**20:,.1f}"
+
+
+def _x(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
+    head = (
+        f"`{meta['command']}`  \n"
+        f"{meta['backbone']}, task {meta['task']}, batch {meta['batch_size']}/rank x {meta['world_size']} rank(s), "
+        f"{meta['img_size']} px, {meta['precision']}, engine {meta['engine']} ZeRO-{meta['zero_stage']}, "
+        f"activation checkpointing {'on' if meta['activation_checkpointing'] else 'off'}, {meta['steps']} timed "
+        f"steps per method (interleaved) on {meta['device_name']}. Peak memory: "
+        + ("CUDA max allocated, MAX over ranks." if meta["device"] == "cuda"
+           else "exact params + grads + optimizer state + saved activations (peak RSS beside it).")
+        + "\n\n"
+    )
+    cols = ["method", "trainable", "peak MiB", "x full", "x fixed", "saved act. MiB", "model state MiB/rank",
+            "ZeRO estimate MiB/rank", "step ms (p10-p90)", "x full", "img/s"]
+    if meta["device"] == "cpu":
+        cols.insert(5, "peak RSS MiB")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r["method"], f"{r['trainable']:,}", _mib(r["peak_mem_bytes"]), _x(r.get("peak_vs_full")),
+                 _x(r.get("peak_vs_fixed")), _mib(r["saved_activation_bytes"]), _mib(r["model_state_bytes"]),
+                 _mib(r["model_state_estimate_bytes"]),
+                 f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_p10_s']:.1f}-{1e3 * r['step_time_p90_s']:.1f})",
+                 _x(r.get("time_vs_full")), f"{r['images_per_s']:.1f}"]
+        if meta["device"] == "cpu":
+            cells.insert(5, _mib(r["rss_peak_bytes"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    goals = goal_lines(rows, meta["activation_checkpointing"])
+    tail = "\n\nGoals:\n" + "\n".join(f"- {g}" for g in goals) if goals else ""
+    anchors = "\n\nAnchors:\n" + "\n".join(f"- {a}" for a in PAPER_ANCHORS)
+    return head + "\n".join(lines) + tail + anchors + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 4), 4))
+    ax1.bar(names, [r["peak_mem_bytes"] / 2**20 for r in rows], color="tab:blue", label="peak")
+    ax1.bar(names, [r["saved_activation_bytes"] / 2**20 for r in rows], color="tab:orange", alpha=0.8,
+            label="saved activations")
+    ax1.set_ylabel("MiB")
+    ax1.set_title("training memory")
+    ax1.legend()
+    ax2.bar(names, [1e3 * r["step_time_s"] for r in rows], color="tab:green",
+            yerr=[[1e3 * (r["step_time_s"] - r["step_time_p10_s"]) for r in rows],
+                  [1e3 * (r["step_time_p90_s"] - r["step_time_s"]) for r in rows]])
+    ax2.set_ylabel("ms / step (median, p10-p90)")
+    ax2.set_title("step time")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], meta: dict[str, Any], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(rows, indent=2))
+    (out / "bench_meta.json").write_text(json.dumps(meta, indent=2))
+    table = markdown(rows, meta)
+    (out / "bench.md").write_text(table)
+    plot(rows, out / "bench.png")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out / "tb")) as tb:
+        for r in rows:
+            for key in ("peak_mem_bytes", "saved_activation_bytes", "model_state_bytes", "step_time_s",
+                        "images_per_s", "trainable", "peak_vs_full", "time_vs_full"):
+                if r.get(key) is not None:
+                    tb.add_scalar(f"bench/{r['method']}/{key}", r[key], 0)
+        tb.add_text("bench/table", table, 0)
+    return table

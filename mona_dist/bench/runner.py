@@ -1,0 +1,207 @@
+"""Memory and time of tuning methods, measured side by side in one run.
+
+Protocol (every method: same backbone, head, inputs, precision and engine):
+1. Memory, method by method: build, warm up, then one step whose saved activations are counted with saved-tensor
+   hooks and whose peak is read from the device (CUDA max allocated since before the method was built, MAX over
+   ranks; on CPU the exact accounting params + grads + optimizer state + saved activations, beside peak RSS).
+2. Time, interleaved: `steps` rounds; each round runs one full step (forward, backward, optimizer) of every method,
+   in an order rotated every round, so drift and noise hit all methods alike. Median and p10-p90 spread per method.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+
+from ..adapters import count_parameters
+from ..models import build_backbone, checkpoint_units
+from .accounting import PeakMemory, model_state_bytes, saved_activation_bytes, zero_model_state_estimate
+
+
+class BenchModel(nn.Module):
+    """Backbone + a light head that is identical across methods; forward(batch) -> {"loss": ...} like a task model.
+
+    cls: global-average-pooled last stage -> linear. seg/det: an FPN over every output, the levels summed at the
+    finest scale, a 1x1 classifier, per-pixel cross-entropy (a semantic-FPN head: dense, multi-scale, cheap).
+    """
+
+    def __init__(self, backbone: nn.Module, task: str, num_classes: int = 100):
+        super().__init__()
+        self.backbone, self.task = backbone, task
+        if task == "cls":
+            self.head = nn.Linear(backbone.out_channels[-1], num_classes)
+        else:
+            self.fpn = FeaturePyramidNetwork(backbone.out_channels, 128)
+            self.head = nn.Conv2d(128, num_classes, 1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feats = self.backbone(batch["images"])
+        if self.task == "cls":
+            logits = self.head(feats[-1].mean(dim=(2, 3)))
+            return {"loss": F.cross_entropy(logits.float(), batch["labels"])}
+        levels = list(self.fpn({str(i): f for i, f in enumerate(feats)}).values())
+        fused = sum(F.interpolate(p, size=levels[0].shape[-2:], mode="bilinear") for p in levels)
+        logits = F.interpolate(self.head(fused), size=batch["masks"].shape[-2:], mode="bilinear")
+        return {"loss": F.cross_entropy(logits.float(), batch["masks"])}
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """'e3va' or 'e3va:lora_fa=true,rank=4' -> (method, options)."""
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for pair in filter(None, rest.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"method options are key=value, got {pair!r} in {spec!r}")
+        opts[key] = yaml.safe_load(value)
+    return name, opts
+
+
+@dataclass
+class BenchSpec:
+    backbone: str
+    methods: list[str]
+    task: str = "cls"
+    batch_size: int = 2
+    img_size: int = 224
+    steps: int = 10
+    warmup: int = 2
+    engine: str = "ddp"
+    zero_stage: int = 0
+    activation_checkpointing: bool = False
+    precision: str = "fp32"
+    num_classes: int = 100
+    seed: int = 0
+
+
+@dataclass
+class MethodRun:
+    label: str
+    engine: Any
+    row: dict[str, Any]
+    times: list[float] = field(default_factory=list)
+
+
+def make_batch(spec: BenchSpec, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(spec.seed)
+    images = torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size, generator=g)
+    if spec.task == "cls":
+        target = {"labels": torch.randint(spec.num_classes, (spec.batch_size,), generator=g)}
+    else:
+        target = {"masks": torch.randint(spec.num_classes, (spec.batch_size, spec.img_size, spec.img_size), generator=g)}
+    return {k: v.to(device) for k, v in {"images": images, **target}.items()}
+
+
+def _step(engine, batch) -> torch.Tensor:
+    loss = engine(batch)["loss"]
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allreduce_max(value: float, device: torch.device) -> float:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([float(value)], device=device if device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.item()
+    return value
+
+
+def run_bench(spec: BenchSpec, device: torch.device, local_rank: int = 0, world_size: int = 1) -> list[dict]:
+    from ..config.schema import EngineConfig, OptimConfig
+    from ..engine import build_engine
+
+    batch = make_batch(spec, device)
+    ecfg = EngineConfig(name=spec.engine, zero_stage=spec.zero_stage, precision=spec.precision,
+                        activation_checkpointing=spec.activation_checkpointing)
+    runs: list[MethodRun] = []
+    for label in spec.methods:
+        method, opts = parse_method(label)
+        meter = PeakMemory(device)
+        meter.start()
+        before_build = meter.base
+        torch.manual_seed(spec.seed)  # same frozen weights and head init for every method
+        model = BenchModel(build_backbone(spec.backbone, method, **opts), spec.task, spec.num_classes)
+        total, trainable = count_parameters(model.backbone)
+        units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
+        engine = build_engine(model, ecfg, OptimConfig(lr=1e-5, weight_decay=0.05),
+                              micro_batch_size=spec.batch_size, local_rank=local_rank, world_size=world_size)
+        engine.train()
+        for _ in range(spec.warmup):
+            _step(engine, batch)
+        saved, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()),
+                                             checkpointed=units)
+        engine.backward(loss)
+        engine.step()
+        meter.start()
+        _step(engine, batch)
+        transient = meter.stop()
+        state = model_state_bytes(engine.module, engine.optimizer)
+        if device.type == "cuda":
+            peak = meter.absolute - before_build  # everything this method allocated, from before it was built
+        else:
+            peak = state["total"] + saved  # the exact accounting; RSS is reported beside it
+        head_trainable = count_parameters(model)[1] - trainable
+        estimate = zero_model_state_estimate(trainable + head_trainable, total - trainable, spec.precision,
+                                             spec.zero_stage if spec.engine != "ddp" else 0, world_size)
+        row = {
+            "method": label,
+            "trainable": trainable,
+            "total_params": total,
+            "peak_mem_bytes": int(_allreduce_max(peak, device)),
+            "saved_activation_bytes": int(_allreduce_max(saved, device)),
+            "model_state_bytes": int(_allreduce_max(state["total"], device)),
+            "model_state_breakdown": state,
+            "model_state_estimate_bytes": estimate["total"],
+            "rss_peak_bytes": int(_allreduce_max(transient, device)) if device.type == "cpu" else None,
+        }
+        runs.append(MethodRun(label, engine, row))
+
+    for i in range(spec.steps):  # interleaved timing, order rotated each round
+        for r in runs[i % len(runs):] + runs[: i % len(runs)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            _step(r.engine, batch)
+            _sync(device)
+            r.times.append(_allreduce_max(time.perf_counter() - t0, device))
+
+    rows = []
+    for r in runs:
+        ts = sorted(r.times)
+        median = statistics.median(ts)
+        r.row.update(
+            step_time_s=median,
+            step_time_p10_s=ts[int(0.1 * (len(ts) - 1))],
+            step_time_p90_s=ts[math.ceil(0.9 * (len(ts) - 1))],
+            images_per_s=spec.batch_size * world_size / median,
+        )
+        rows.append(r.row)
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each method's peak memory, saved activations and step time as a ratio to `full` and to `fixed`."""
+    by = {r["method"]: r for r in rows}
+    for ref in ("full", "fixed"):
+        if ref not in by:
+            continue
+        for r in rows:
+            for key, short in (("peak_mem_bytes", "peak"), ("step_time_s", "time"), ("saved_activation_bytes", "saved")):
+                base = by[ref][key]
+                r[f"{short}_vs_{ref}"] = r[key] / base if base else None

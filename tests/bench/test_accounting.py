@@ -1,0 +1,72 @@
+"""The memory accounting equals a hand count on small models."""
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mona_dist.bench.accounting import model_state_bytes, saved_activation_bytes, zero_model_state_estimate
+
+B, IN, HID = 4, 6, 10
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, 3))
+
+
+def test_saved_activations_match_a_hand_count():
+    model, x = _mlp(), torch.randn(B, IN)
+    # Linear 1 keeps its input x (for its weight grad), ReLU keeps its output, Linear 2 keeps that same output
+    # as its input (one storage, counted once); weights are parameters, not activations.
+    expected = B * IN * 4 + B * HID * 4
+    saved, out = saved_activation_bytes(lambda: model(x).sum(), exclude=model.parameters())
+    assert saved == expected
+    out.backward()
+
+
+def test_frozen_first_layer_keeps_no_input():
+    model, x = _mlp(), torch.randn(B, IN)
+    model[0].requires_grad_(False)  # nothing needs x any more: the first layer's output is a constant
+    saved, _ = saved_activation_bytes(lambda: model(x).sum(), exclude=model.parameters())
+    assert saved == B * HID * 4
+
+
+def test_checkpointed_modules_count_their_inputs_only():
+    model, x = _mlp(), torch.randn(B, IN, requires_grad=True)
+    block = model[1:]  # ReLU + Linear 2, checkpointed: only their input survives the forward
+
+    def fwd():
+        h = model[0](x)
+        return checkpoint(block, h, use_reentrant=False).sum()
+
+    saved, out = saved_activation_bytes(fwd, exclude=model.parameters(), checkpointed=[block])
+    assert saved == B * IN * 4 + B * HID * 4  # x for Linear 1, and the checkpoint's input h (pre-ReLU)
+    out.backward()
+    assert model[2].weight.grad is not None
+
+
+def test_model_state_bytes_match_a_hand_count_after_an_adamw_step():
+    model = _mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model(torch.randn(B, IN)).sum().backward()
+    opt.step()
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = HID * 3 + 3
+    state = model_state_bytes(model, opt)
+    assert state["params"] == 4 * n_all
+    assert state["grads"] == 4 * n_train
+    assert state["optimizer"] == 2 * 4 * n_train + 2 * 4  # exp_avg, exp_avg_sq, and one fp32 `step` per tensor
+    assert state["total"] == state["params"] + state["grads"] + state["optimizer"]
+
+
+def test_zero_estimate_follows_the_paper():
+    psi = 1_000_000
+    # bf16 mixed precision, no ZeRO: 2 (weights) + 2 (grads) + 12 (fp32 master + Adam) bytes per parameter.
+    assert zero_model_state_estimate(psi, 0, "bf16", 0, 8)["total"] == 16 * psi
+    assert zero_model_state_estimate(psi, 0, "bf16", 1, 8)["total"] == 4 * psi + 12 * psi // 8
+    assert zero_model_state_estimate(psi, 0, "bf16", 2, 8)["total"] == 2 * psi + 14 * psi // 8
+    assert zero_model_state_estimate(psi, 0, "bf16", 3, 8)["total"] == 16 * psi // 8
+    # Frozen weights: storage only, sharded by ZeRO-3 alone.
+    assert zero_model_state_estimate(0, psi, "fp32", 2, 4)["total"] == 4 * psi
+    assert zero_model_state_estimate(0, psi, "fp32", 3, 4)["total"] == psi

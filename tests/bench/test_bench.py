@@ -1,0 +1,75 @@
+"""`mona-dist bench` on a small backbone: outputs well-formed, the highway keeps little, ZeRO shards state."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mona_dist.bench.report import write_outputs
+from mona_dist.bench.runner import BenchSpec, run_bench
+
+REQUIRED = {"method", "trainable", "peak_mem_bytes", "saved_activation_bytes", "step_time_s", "model_state_bytes",
+            "images_per_s", "peak_vs_full", "peak_vs_fixed", "time_vs_full"}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=["full", "fixed", "mona", "e3va",
+                     "e3va:lora_fa=true", "mona_hw"], task="seg", batch_size=2, img_size=96, steps=2, warmup=1)
+    return run_bench(spec, torch.device("cpu")), spec
+
+
+def test_rows_carry_every_field_and_ratios(rows):
+    rows, _ = rows
+    assert [r["method"] for r in rows] == ["full", "fixed", "mona", "e3va", "e3va:lora_fa=true", "mona_hw"]
+    for r in rows:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["peak_mem_bytes"] > r["saved_activation_bytes"] > 0
+        assert r["step_time_s"] > 0
+    full = rows[0]
+    assert full["peak_vs_full"] == 1.0 and full["trainable"] > rows[2]["trainable"] > 0
+
+
+def test_highway_activations_are_a_fraction_of_full_backprop(rows):
+    """Same head for every method, so (method - fixed) is what the backbone side keeps for backward."""
+    by = {r["method"]: r["saved_activation_bytes"] for r in rows[0]}
+    backbone_full = by["full"] - by["fixed"]
+    assert by["e3va"] - by["fixed"] < 0.5 * backbone_full
+    assert by["mona_hw"] - by["fixed"] < by["mona"] - by["fixed"]
+    assert by["e3va:lora_fa=true"] < by["e3va"]
+    assert by["mona"] > by["full"]  # Mona adds activations on top of full backprop through the trunk
+
+
+def test_outputs_are_written_and_well_formed(rows, tmp_path):
+    rows, spec = rows
+    meta = {**vars(spec), "device": "cpu", "world_size": 1, "device_name": "test CPU", "command": "mona-dist bench"}
+    table = write_outputs(rows, meta, tmp_path)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["method"] for r in data] == [r["method"] for r in rows]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "bench.md").read_text()
+    assert md == table and md.count("\n| ") == len(rows) + 1  # header + one row per method
+    assert "e3va peak <= 0.40x full: measured" in md and "E3VA paper: peak memory 0.45x full" in md
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_holds_less_model_state_per_rank_than_zero0(tmp_path):
+    def run(zero: int) -> dict:
+        out = tmp_path / f"z{zero}"
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29611 + zero), "-m", "mona_dist.cli", "bench",
+               "--backbone", "swin_nano_patch4_window7", "--methods", "full,e3va", "--engine", "deepspeed",
+               "--zero", str(zero), "--batch-size", "1", "--img-size", "64", "--steps", "1", "--warmup", "1",
+               "--device", "cpu", "--out", str(out)]
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return {r["method"]: r for r in json.loads((out / "bench.json").read_text())}
+
+    z0, z3 = run(0), run(3)
+    for method in ("full", "e3va"):
+        assert z3[method]["model_state_bytes"] < z0[method]["model_state_bytes"]
+        assert z3[method]["model_state_estimate_bytes"] < z0[method]["model_state_estimate_bytes"]
