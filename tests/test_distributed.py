@@ -1,0 +1,229 @@
+"""mona_dist.distributed: every launcher's variables map to the same DistState; a real 2-rank gloo group forms."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mona_dist import distributed
+from mona_dist.distributed import DistState, detect, first_host, slurm_port, tasks_per_node
+
+REPO = Path(__file__).resolve().parents[1]
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+# What srun put in each task's environment on the local 2-node test cluster (`srun` of
+# `sbatch --nodes=2 --ntasks-per-node=1`), trimmed to the variables that matter; rank 1 shown.
+SRUN_TASK_ENV = {
+    "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NODELIST": "node[1-2]", "SLURM_NODEID": "1",
+    "SLURM_LOCALID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_STEP_ID": "0", "SLURM_STEPID": "0", "SLURM_STEP_NODELIST": "node[1-2]",
+    "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+}
+# The batch shell of the same job: SLURM_PROCID=0 and SLURM_NTASKS=2, but no step.
+BATCH_SHELL_ENV = {k: v for k, v in SRUN_TASK_ENV.items() if "STEP" not in k} | {"SLURM_PROCID": "0",
+                                                                                 "SLURM_NODEID": "0"}
+
+
+def test_single_process_without_any_launcher():
+    state = detect({})
+    assert state == DistState(0, 0, 1, 1, 0, "127.0.0.1", 29500, "single")
+    assert state.is_main and not state.distributed
+
+
+def test_torchrun_mapping():
+    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+           "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "abc"}
+    assert detect(env) == DistState(5, 1, 8, 4, 1, "10.0.0.7", 29400, "torchrun")
+    assert not detect(env).is_main and detect(env).distributed
+
+
+def test_deepspeed_launcher_mapping():
+    # deepspeed/launcher/launch.py sets LOCAL_SIZE and CROSS_RANK, not LOCAL_WORLD_SIZE/GROUP_RANK.
+    env = {"RANK": "6", "LOCAL_RANK": "2", "WORLD_SIZE": "8", "LOCAL_SIZE": "4", "CROSS_RANK": "1",
+           "CROSS_SIZE": "2", "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+    assert detect(env) == DistState(6, 2, 8, 4, 1, "node1", 29500, "deepspeed")
+
+
+def test_plain_env_convention_infers_node_rank():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    state = detect(env)
+    assert (state.node_rank, state.master_addr, state.master_port, state.launcher) == (1, "127.0.0.1", 29500,
+                                                                                       "torchrun")
+
+
+def test_slurm_srun_task_mapping():
+    state = detect(SRUN_TASK_ENV)
+    assert state == DistState(1, 0, 2, 1, 1, "node1", slurm_port(42), "slurm")
+    rank0 = detect(SRUN_TASK_ENV | {"SLURM_PROCID": "0", "SLURM_NODEID": "0"})
+    assert rank0.is_main and (rank0.master_addr, rank0.master_port) == (state.master_addr, state.master_port)
+
+
+def test_slurm_eight_tasks_per_node():
+    env = SRUN_TASK_ENV | {"SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_STEP_NODELIST": "gpu[07-10]",
+                           "SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_NODEID": "1", "SLURM_NTASKS": "32",
+                           "SLURM_STEP_NUM_TASKS": "32", "SLURM_NTASKS_PER_NODE": "8",
+                           "SLURM_STEP_TASKS_PER_NODE": "8(x4)"}
+    assert detect(env) == DistState(13, 5, 32, 8, 1, "gpu07", slurm_port(42), "slurm")
+
+
+def test_slurm_uneven_tasks_per_node_uses_this_nodes_count():
+    env = {k: v for k, v in SRUN_TASK_ENV.items() if k != "SLURM_NTASKS_PER_NODE"}
+    env |= {"SLURM_STEP_NUM_TASKS": "7", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3",
+            "SLURM_PROCID": "6", "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_STEP_NODELIST": "n[1-4]"}
+    state = detect(env)
+    assert (state.world_size, state.local_world_size, state.node_rank, state.master_addr) == (7, 1, 3, "n1")
+
+
+def test_batch_shell_is_a_single_process_not_rank_zero_of_two():
+    assert detect(BATCH_SHELL_ENV).launcher == "single"
+    assert detect(BATCH_SHELL_ENV).world_size == 1
+
+
+def test_launcher_variables_win_over_slurm():
+    # torchrun started by srun, one per node, inside an sbatch allocation: SLURM vars describe the torchrun agents.
+    env = SRUN_TASK_ENV | {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+                           "GROUP_RANK": "1", "MASTER_ADDR": "node1", "MASTER_PORT": "29501",
+                           "TORCHELASTIC_RUN_ID": "42"}
+    assert detect(env) == DistState(3, 1, 4, 2, 1, "node1", 29501, "torchrun")
+
+
+def test_slurm_master_overrides_from_environment():
+    state = detect(SRUN_TASK_ENV | {"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "12345"})
+    assert (state.master_addr, state.master_port, state.launcher) == ("10.1.2.3", 12345, "slurm")
+
+
+def test_slurm_port_is_deterministic_and_differs_across_jobs_and_requeues():
+    assert slurm_port(1234) == slurm_port(1234)
+    ports = {slurm_port(j, r) for j in range(1000, 1050) for r in range(3)}
+    assert len(ports) > 140  # 150 (job, restart) pairs; a few random collisions are tolerable
+    assert all(20000 <= p < 32000 for p in ports)
+    requeued = detect(SRUN_TASK_ENV | {"SLURM_RESTART_COUNT": "1"})
+    assert requeued.master_port == slurm_port(42, 1) != detect(SRUN_TASK_ENV).master_port
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("node1", "node1"), ("node[1-2]", "node1"), ("gpu[07-09,12],cpu3", "gpu07"), ("a,b[3-4]", "a"),
+    ("rack[2-3]-n[01-04]", "rack2-n01"), ("n[5,1-3]", "n5"), ("h-[008-010].ib", "h-008.ib"),
+])
+def test_first_host(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_tasks_per_node_expansion():
+    assert tasks_per_node("8(x4)") == [8, 8, 8, 8]
+    assert tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert tasks_per_node("3") == [3]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "4", "WORLD_SIZE": "4"}, "RANK=4 is not in [0, WORLD_SIZE=4)"),
+    ({"RANK": "-1", "WORLD_SIZE": "4"}, "RANK=-1"),
+    ({"RANK": "one", "WORLD_SIZE": "4"}, "RANK='one' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
+    ({"RANK": "0"}, "WORLD_SIZE is not set"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK=2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "http"}, "MASTER_PORT='http' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
+    (SRUN_TASK_ENV | {"SLURM_PROCID": "2"}, "SLURM_PROCID=2 is not in [0, SLURM_STEP_NUM_TASKS=2)"),
+    (SRUN_TASK_ENV | {"SLURM_PROCID": "x"}, "SLURM_PROCID='x' is not an integer"),
+    (SRUN_TASK_ENV | {"SLURM_LOCALID": "1"}, "SLURM_LOCALID=1 is not in [0, SLURM_NTASKS_PER_NODE=1)"),
+    ({k: v for k, v in SRUN_TASK_ENV.items() if k != "SLURM_NTASKS_PER_NODE"} | {"SLURM_STEP_TASKS_PER_NODE": "8x2"},
+     "SLURM_TASKS_PER_NODE='8x2'"),
+    ({k: v for k, v in SRUN_TASK_ENV.items() if "NODELIST" not in k}, "SLURM_JOB_NODELIST is not set"),
+])
+def test_bad_environment_is_one_line_naming_the_variable(env, message):
+    with pytest.raises(ValueError) as err:
+        detect(env)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.fixture
+def clean_rank_env(monkeypatch):
+    """No launcher variables; whatever init_distributed exports is undone afterwards."""
+    for name in [*RANK_VARS, *(k for k in os.environ if k.startswith("SLURM_"))]:
+        monkeypatch.delenv(name, raising=False)
+    distributed.shutdown()
+    yield
+    distributed.shutdown()
+
+
+def test_init_single_process_exports_env_and_helpers_are_identities(clean_rank_env):
+    assert distributed.get_state().launcher == "single"
+    state = distributed.init_distributed()
+    assert state.launcher == "single" and distributed.init_distributed() is state  # cached
+    assert {k: os.environ[k] for k in RANK_VARS} == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                                     "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                                                     "MASTER_PORT": "29500"}
+    # Exported RANK must not change what the rest of the run sees.
+    assert distributed.get_state() is state
+    import torch.distributed as torch_dist
+
+    assert not torch_dist.is_initialized()  # world size 1: no process group needed
+    distributed.barrier()
+    assert distributed.all_reduce_max(3.5) == 3.5
+    assert distributed.gather_object({"a": 1}) == [{"a": 1}]
+
+
+# Runs in each of two processes that see nothing but SLURM-style variables.
+WORKER = r"""
+import json, os, sys, torch
+from mona_dist import distributed as d
+state = d.init_distributed(timeout_s=120)
+import torch.distributed as td
+t = torch.tensor([float(state.rank + 1)])
+td.all_reduce(t)
+out = {
+    "state": state.__dict__, "sum": t.item(), "pg_world": td.get_world_size(), "pg_rank": td.get_rank(),
+    "backend": td.get_backend(), "max_int": d.all_reduce_max(10 * state.rank),
+    "max_float": d.all_reduce_max(0.5 + state.rank), "max_tensor": d.all_reduce_max(torch.tensor([state.rank, -state.rank])).tolist(),
+    "gathered": d.gather_object({"rank": state.rank}), "env": {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+}
+d.barrier()
+d.shutdown()
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _free_slurm_job_id() -> int:
+    """A fake SLURM job id whose derived rendezvous port is free right now."""
+    for job_id in range(os.getpid() % 10000, 10**6, 7):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", slurm_port(job_id)))
+                return job_id
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+@pytest.mark.slow
+def test_two_processes_join_one_gloo_group_from_slurm_variables_only():
+    base = {k: v for k, v in os.environ.items() if k not in RANK_VARS and not k.startswith("SLURM_")}
+    job = str(_free_slurm_job_id())
+    procs = []
+    for rank in range(2):
+        env = base | SRUN_TASK_ENV | {"SLURM_JOB_ID": job, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank),
+                                      "SLURM_JOB_NODELIST": "localhost", "SLURM_NODELIST": "localhost",
+                                      "SLURM_STEP_NODELIST": "localhost"}
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    for rank, res in enumerate(results):
+        assert res["state"]["launcher"] == "slurm" and res["state"]["rank"] == rank
+        assert res["state"]["node_rank"] == rank and res["state"]["master_port"] == slurm_port(int(job))
+        assert (res["pg_world"], res["pg_rank"], res["backend"]) == (2, rank, "gloo")
+        assert res["sum"] == 3.0  # 1 + 2: both ranks contributed to one all_reduce
+        assert (res["max_int"], res["max_float"], res["max_tensor"]) == (10, 1.5, [1, 0])
+        assert res["env"] == {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "localhost",
+                              "MASTER_PORT": str(slurm_port(int(job)))}
+    assert results[0]["gathered"] == [{"rank": 0}, {"rank": 1}] and results[1]["gathered"] is None
