@@ -1,0 +1,120 @@
+"""The small interface every engine offers to the loop.
+
+The loop only ever calls: `engine(batch)` (forward under the engine's precision), `engine.accumulating(last)`,
+`engine.backward(loss)`, `engine.step()` / `engine.discard_step()`, `engine.set_lr(lr)`, `engine.save(dir)` /
+`engine.load(dir)` and `engine.exported()` (full trainable weights, gathered under ZeRO-3). `engine.model` is the
+plain model the task built; `engine.module` is what runs the forward (a DDP/ShardedDDP/DeepSpeed wrapper or the
+model itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from mona_dist.config.schema import EngineConfig
+
+
+def move_batch(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+    """Tensors (also inside dicts/lists/tuples) to `device`; floating ones to `float_dtype` when given."""
+    if isinstance(obj, torch.Tensor):
+        dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else None
+        return obj.to(device=device, dtype=dtype, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_batch(v, device, float_dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_batch(v, device, float_dtype) for v in obj)
+    return obj
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """CUDA device of this local rank when CUDA exists, CPU otherwise."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the trainable tensors: frozen weights are rebuilt from `model.pretrained` (and seeded init) on resume."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Engine(ABC):
+    name: str = "engine"
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.grad_norm: float | None = None
+        self.module: nn.Module = model
+        self.optimizer: torch.optim.Optimizer
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Autocast for the torch engines under bf16/fp16; DeepSpeed casts the weights instead."""
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.cfg.precision])
+
+    def batch_dtype(self) -> torch.dtype | None:
+        return None
+
+    def __call__(self, batch: Any) -> Any:
+        batch = move_batch(batch, self.device, self.batch_dtype())
+        with self.forward_context():
+            return self.module(batch)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    # -- optimisation --------------------------------------------------------------------------------------------
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        """Wraps forward+backward of one micro-batch; skips the gradient all-reduce unless `last`."""
+        no_sync = getattr(self.module, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> None:
+        """Clip, update, clear gradients; sets `self.grad_norm` (pre-clip global norm)."""
+
+    def discard_step(self) -> None:
+        """Drop this step's gradients without updating (nan_policy=skip)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.param_groups():
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+
+    @property
+    def lr(self) -> float:
+        group = self.param_groups()[0]
+        return group["lr"] / group.get("lr_mult", 1.0)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Collective: every rank calls it; writes this engine's state under `directory`."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Collective: restore what `save` wrote (weights_only loads; clear error on foreign/truncated files)."""
+
+    @contextlib.contextmanager
+    def exported(self) -> Iterator[nn.Module]:
+        """The plain model with its trainable weights readable (ZeRO-3 gathers them for the duration)."""
+        yield self.model

@@ -1,0 +1,105 @@
+"""Plain torch: DistributedDataParallel across ranks, the bare model in a single process.
+
+State goes to one `engine.pt` written by rank 0: trainable weights, AdamW state and the fp16 grad scaler.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mona_dist.config.schema import EngineConfig, OptimConfig
+from mona_dist.engine.base import Engine, trainable_state
+from mona_dist.engine.optim import build_adamw, param_groups
+from mona_dist.engine.serialization import safe_torch_load
+
+STATE_FILE = "engine.pt"
+
+
+def _world() -> tuple[int, int]:
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy saved trainable weights in; a checkpoint of another model gives a one-line error."""
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise ValueError(f"checkpoint {source} does not match this model's trainable parameters ({what})")
+    model.load_state_dict(weights, strict=False)
+
+
+class TorchEngine(Engine):
+    """Shared by the ddp and fairscale engines: torch optimizer, autocast, optional fp16 grad scaler."""
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, device: torch.device):
+        super().__init__(model.to(device), cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self._accum = cfg.grad_accum
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self._accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = self.clip(self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        self.grad_norm = float(norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def discard_step(self) -> None:
+        self.zero_grad()
+
+    def optimizer_state(self) -> dict | None:
+        """Full optimizer state on rank 0 (None elsewhere); collective for sharded optimizers."""
+        return self.optimizer.state_dict() if _world()[0] == 0 else None
+
+    def save(self, directory: Path) -> None:
+        optim_state = self.optimizer_state()
+        if _world()[0] == 0:
+            state = {"model": trainable_state(self.model), "optimizer": optim_state}
+            if self.scaler:
+                state["scaler"] = self.scaler.state_dict()
+            torch.save(state, Path(directory) / STATE_FILE)
+
+    def load(self, directory: Path) -> None:
+        path = Path(directory) / STATE_FILE
+        state = safe_torch_load(path)
+        if not isinstance(state, dict) or not {"model", "optimizer"} <= state.keys():
+            raise ValueError(f"checkpoint {path} was not written by the {self.name} engine")
+        load_trainable(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class DDPEngine(TorchEngine):
+    name = "ddp"
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, device: torch.device):
+        super().__init__(model, cfg, optim, device)
+        self.optimizer = build_adamw(param_groups(self.model, optim), optim)
+        if _world()[1] > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.module = DistributedDataParallel(self.model, device_ids=ids)

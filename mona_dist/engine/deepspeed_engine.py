@@ -1,0 +1,138 @@
+"""DeepSpeed: ZeRO stages 0-3, bf16/fp16, optimizer and parameter offload, from our typed config.
+
+The DeepSpeed JSON is generated from `EngineConfig`; `engine.deepspeed_config` may name a JSON file whose keys are
+deep-merged over it (an escape hatch for knobs we do not model). `gradient_clipping` is always written: DeepSpeed
+>= 0.19.3 would otherwise clip at 1.0. Checkpoints use DeepSpeed's own sharded format (`<dir>/engine/`), without the
+frozen weights, and are read back through `SafeCheckpointEngine` (weights_only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import deepspeed
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from torch import nn
+
+from mona_dist.config.loader import ConfigError, deep_merge
+from mona_dist.config.schema import EngineConfig, OptimConfig
+from mona_dist.engine.base import DTYPES, Engine
+from mona_dist.engine.optim import build_adamw, param_groups
+from mona_dist.engine.serialization import safe_torch_load
+
+TAG = "engine"
+
+
+def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int) -> dict[str, Any]:
+    """Our config -> DeepSpeed's JSON dict, with the user's override file merged on top and checked."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        # We hand DeepSpeed a plain torch AdamW over the trainable parameters only.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config:
+        path = Path(cfg.deepspeed_config)
+        try:
+            override = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("engine.deepspeed_config", f"file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError("engine.deepspeed_config", f"{path} is not valid JSON (line {err.lineno})") from None
+        if not isinstance(override, dict):
+            raise ConfigError("engine.deepspeed_config", f"{path} must hold a JSON object")
+        ds = deep_merge(ds, override)
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError("engine.deepspeed_config", "enables both fp16 and bf16; pick one (engine.precision)")
+    return ds
+
+
+def _deepspeed_safe_globals() -> list[type]:
+    """The non-tensor classes DeepSpeed pickles into its checkpoints; nothing else may be rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, reading with weights_only=True (its own uses weights_only=False)."""
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_torch_load(path, map_location=map_location or "cpu", allowed=_deepspeed_safe_globals())
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, device: torch.device,
+                 micro_batch_size: int, world_size: int):
+        super().__init__(model.to(device), cfg, device)
+        self.ds_config = deepspeed_config(cfg, micro_batch_size, world_size)
+        optimizer = build_adamw(param_groups(self.model, optim), optim)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config)
+        self.ds.checkpoint_engine = SafeCheckpointEngine(self.ds._config)
+        self.module = self.ds
+        self._dtype = next((DTYPES[k] for k in ("bf16", "fp16") if self.ds_config[k].get("enabled")), None)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 weights; inputs are cast instead
+
+    def batch_dtype(self) -> torch.dtype | None:
+        return self._dtype
+
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed defers the reduction to the accumulation boundary itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)  # scales by 1/grad_accum
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # only advances DeepSpeed's micro-step counter
+
+    def step(self) -> None:
+        assert self.ds.is_gradient_accumulation_boundary(), "step() before the last micro-batch's backward()"
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        self.grad_norm = None if norm is None else float(norm)
+
+    def discard_step(self) -> None:
+        # Reached only with grad_accum == 1 (config rule), where no backward ran this step: nothing to drop.
+        self.ds.zero_grad()
+
+    def save(self, directory: Path) -> None:
+        self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, directory: Path) -> None:
+        if not (Path(directory) / TAG).is_dir():
+            raise ValueError(f"checkpoint {directory} has no DeepSpeed state ({TAG}/); was it written by another engine?")
+        path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"checkpoint {directory}/{TAG} could not be loaded by DeepSpeed")
+
+    @contextlib.contextmanager
+    def exported(self) -> Iterator[nn.Module]:
+        if self.cfg.zero_stage == 3:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield self.model
+        else:
+            yield self.model

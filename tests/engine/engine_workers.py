@@ -1,0 +1,77 @@
+"""Two-rank workers for the engine tests (spawned; results come back through a torch file from rank 0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from mona_dist.config.schema import EngineConfig, OptimConfig
+from mona_dist.engine import build_engine
+
+from toy import frozen_and_trainable, init_group, toy_batch, toy_model, write_result
+
+OPTIM = OptimConfig(lr=3e-2, weight_decay=0.01)
+
+
+def train_steps(engine, rank: int, start: int, steps: int, grad_accum: int = 1) -> list[float]:
+    losses = []
+    for step in range(start, start + steps):
+        total = 0.0
+        for micro in range(grad_accum):
+            batch = toy_batch(step * grad_accum + micro, rank, batch=16 // grad_accum)
+            with engine.accumulating(last=micro == grad_accum - 1):
+                loss = engine(batch)["loss"]
+                engine.backward(loss)
+            total += loss.item() / grad_accum
+        engine.step()
+        t = torch.tensor([total])
+        tdist.all_reduce(t)
+        losses.append(t.item() / tdist.get_world_size())
+    return losses
+
+
+def run_variants(rank: int, world_size: int, port: int, variants: list[dict], out: str) -> None:
+    """For each engine variant: train, check frozen/trainable, save, continue, reload into a fresh engine."""
+    init_group(rank, world_size, port)
+    results = {}
+    for spec in variants:
+        cfg = EngineConfig(**spec)
+        model = toy_model()
+        frozen0, trainable0 = frozen_and_trainable(model)
+        engine = build_engine(model, cfg, OPTIM, micro_batch_size=16 // cfg.grad_accum, world_size=world_size)
+        losses = train_steps(engine, rank, 0, 12, cfg.grad_accum)
+        norm = engine.grad_norm
+        ckpt = Path(out).parent / f"ckpt-{len(results)}"  # shared by both ranks
+        if rank == 0:
+            ckpt.mkdir()
+        tdist.barrier()
+        engine.save(ckpt)
+        tdist.barrier()
+        with engine.exported() as plain:
+            frozen1, trainable1 = frozen_and_trainable(plain)
+        after = train_steps(engine, rank, 12, 4, cfg.grad_accum)
+        # Frozen weights come from the (seeded) build as in a real resume; trainable ones are scrambled first.
+        scrambled = toy_model()
+        with torch.no_grad():
+            for p in scrambled.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)
+        fresh = build_engine(scrambled, cfg, OPTIM, micro_batch_size=16 // cfg.grad_accum,
+                             world_size=world_size)
+        fresh.load(ckpt)
+        fresh.set_lr(engine.lr)
+        resumed = train_steps(fresh, rank, 12, 4, cfg.grad_accum)
+        results[cfg.name + str(cfg.zero_stage) + cfg.precision + f"a{cfg.grad_accum}"] = {
+            "losses": losses,
+            "grad_norm": norm,
+            # bf16 DeepSpeed holds every weight in bf16: frozen ones must equal their rounded start values.
+            "frozen_same": all(torch.equal(frozen0[k].to(frozen1[k].dtype), frozen1[k]) for k in frozen0),
+            "trainable_changed": all(not torch.equal(trainable0[k], trainable1[k].to(trainable0[k].dtype))
+                                     for k in trainable0),
+            "after": after,
+            "resumed": resumed,
+        }
+    write_result(Path(out), rank, results)
+    tdist.destroy_process_group()
