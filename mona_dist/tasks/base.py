@@ -1,0 +1,84 @@
+"""What a task is to the trainer: a model builder, a loader builder and an evaluator, plus its head options.
+
+A task module subclasses `Task` and registers an instance with `@register_task("name")`. The trainer calls, in
+this order: `check(cfg)` at start-up (config errors surface before anything is built), `build_model(cfg)`,
+`build_loader(cfg, split, dist)`, and `evaluate(model, loader, dist)` with the model in eval mode.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from mona_dist.config.loader import ConfigError
+
+if TYPE_CHECKING:
+    from mona_dist.config.root import Config
+    from mona_dist.distributed import DistState
+
+
+class NoHeadOptions(BaseModel):
+    """Tasks without head options reject any `model.head` key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Task:
+    """Base of every task. Subclasses set `head_options` and implement `build_model` and `evaluate`."""
+
+    name: ClassVar[str] = ""
+    head_options: ClassVar[type[BaseModel]] = NoHeadOptions
+
+    def options(self, cfg: Config) -> BaseModel:
+        """`cfg.model.head` validated by this task's `head_options`; errors name the key (`model.head.x`)."""
+        try:
+            return self.head_options.model_validate(cfg.model.head)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(["model", "head", *(str(p) for p in first["loc"])])
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+            raise ConfigError(key, msg) from None
+
+    def check(self, cfg: Config) -> None:
+        """Start-up validation of everything task-specific; override to add rules (call super)."""
+        self.options(cfg)
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        """The whole model: `model.backbone` is the Backbone; `model(batch)` in training mode returns a dict of
+        scalar losses whose "loss" entry is the total."""
+        raise NotImplementedError
+
+    def build_loader(self, cfg: Config, split: str, dist: DistState) -> Any:
+        """This rank's loader for `split` ("train" | "val"): the data package's streaming loader by default."""
+        from mona_dist.data import build_loader
+
+        return build_loader(self.name, cfg.data, split, rank=dist.rank, world_size=dist.world_size,
+                            seed=cfg.train.seed)
+
+    def evaluate(self, model: Callable[[Any], Any], loader: Any, dist: DistState) -> dict[str, float]:
+        """Every rank evaluates its share; the returned "eval/<metric>" floats are valid on rank 0 (all ranks may
+        hold them). `model(batch)` runs the forward in eval mode with the engine's device and precision."""
+        raise NotImplementedError
+
+    @staticmethod
+    def batch_size(batch: Any) -> int:
+        """Samples in a batch: `images` is a tensor (cls, seg) or a list of tensors (coco, voc)."""
+        return len(batch["images"])
+
+
+T = TypeVar("T", bound=type[Task])
+
+
+def register_task(name: str) -> Callable[[T], T]:
+    """Class decorator: names the task and adds one instance of it to `TASKS`."""
+
+    def deco(cls: T) -> T:
+        from mona_dist.tasks import TASKS
+
+        cls.name = name
+        TASKS.add(name, cls())
+        return cls
+
+    return deco
