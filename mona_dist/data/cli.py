@@ -1,0 +1,123 @@
+"""`mona-dist shards ...` (write WebDataset shards from real-format sources) and `mona-dist bench-data`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _sharding(p: argparse.ArgumentParser) -> None:
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--shard-size", type=float, default=None, metavar="BYTES", help="target bytes per shard (1e8)")
+    size.add_argument("--per-shard", type=int, default=None, metavar="N", help="samples per shard instead")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="writer processes")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    shards = sub.add_parser("shards", help="write WebDataset tar shards (+ index) from a data set on disk")
+    kinds = shards.add_subparsers(dest="kind", required=True, metavar="FORMAT")
+
+    p = kinds.add_parser("imagefolder", help="root/<class>/<image> (classification)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--classes", help="file with one class name per line (default: sorted folder names)")
+    p.add_argument("--out", required=True, help="output prefix, e.g. shards/train -> shards/train-000000.tar")
+    _sharding(p)
+
+    p = kinds.add_parser("coco", help="COCO images + instances JSON (boxes, masks, crowd)")
+    p.add_argument("--images", required=True)
+    p.add_argument("--annotations", required=True, help="instances_*.json")
+    p.add_argument("--out", required=True)
+    _sharding(p)
+
+    p = kinds.add_parser("ade20k", help="ADE20K images/ + annotations/ label maps")
+    p.add_argument("--images", required=True, help="e.g. ADEChallengeData2016/images/training")
+    p.add_argument("--annotations", required=True, help="e.g. ADEChallengeData2016/annotations/training")
+    p.add_argument("--classes", help="objectInfo150.txt or one name per line (default: found beside images/)")
+    p.add_argument("--out", required=True)
+    _sharding(p)
+
+    p = kinds.add_parser("voc", help="Pascal VOC JPEGImages + Annotations, one image-set list")
+    p.add_argument("--root", required=True, action="append", help="VOCdevkit/VOC2007 (repeat for 07+12)")
+    p.add_argument("--image-set", required=True, help="name in ImageSets/Main (trainval, test) or a list file")
+    p.add_argument("--classes", help="one name per line (default: the 20 VOC classes)")
+    p.add_argument("--out", required=True)
+    _sharding(p)
+
+    p = kinds.add_parser("synthetic", help="make a small real-format data set and convert it (tests, demo)")
+    p.add_argument("--task", required=True, choices=["cls", "ade20k", "seg", "coco", "voc"])
+    p.add_argument("--out", required=True, help="writes OUT/source/ and OUT/shards/{train,val}-*.tar")
+    p.add_argument("--num-train", type=int, default=200)
+    p.add_argument("--num-val", type=int, default=50)
+    p.add_argument("--size", type=int, default=96, help="image side in pixels (detection/seg vary 75-100 %%)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-shard", type=int, default=50)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    for parser in kinds.choices.values():
+        parser.set_defaults(func=write)
+
+    b = sub.add_parser("bench-data", help="images/s of the data pipeline vs raw decode of the same shards")
+    b.add_argument("--shards", required=True, help="pattern, index file or directory")
+    b.add_argument("--task", required=True, choices=["cls", "seg", "coco", "voc"])
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--batches", type=int, default=60, help="timed batches per side")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--pipeline", help="YAML file holding a train PipelineConfig (default: the task's recipe)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=bench)
+
+
+def _classes(path: str | None) -> list[str] | None:
+    from .converters import read_class_file
+
+    return read_class_file(path) if path else None
+
+
+def write(args: argparse.Namespace) -> int:
+    from . import converters, synthetic
+    from .writer import write_shards
+
+    progress = not args.no_progress
+    if args.kind == "synthetic":
+        indexes = synthetic.build(args.task, args.out, num_train=args.num_train, num_val=args.num_val, size=args.size,
+                                  seed=args.seed, per_shard=args.per_shard, workers=args.workers, progress=progress)
+        for split, index in indexes.items():
+            print(f"{args.out}/shards/{split}: {index['total']} samples in {len(index['shards'])} shards")
+        return 0
+    if args.kind == "imagefolder":
+        task, (refs, classes) = "cls", converters.imagefolder(args.root, _classes(args.classes))
+    elif args.kind == "coco":
+        task, (refs, classes) = "coco", converters.coco(args.images, args.annotations)
+    elif args.kind == "ade20k":
+        task, (refs, classes) = "seg", converters.ade20k(args.images, args.annotations, args.classes)
+    else:
+        task, (refs, classes) = "voc", converters.voc(args.root, args.image_set, _classes(args.classes))
+    shard_size = args.shard_size if args.shard_size is not None or args.per_shard is not None else 1e8
+    index = write_shards(refs, args.out, task=task, classes=classes, shard_size=shard_size, per_shard=args.per_shard,
+                         workers=args.workers, progress=progress)
+    print(f"{args.out}: {index['total']} samples in {len(index['shards'])} shards, index {args.out}.index.json")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from .bench import bench_data
+
+    pipeline = None
+    if args.pipeline:
+        import yaml
+
+        from .config import PipelineConfig
+
+        with open(args.pipeline) as f:
+            pipeline = PipelineConfig.model_validate(yaml.safe_load(f))
+    row = bench_data(args.shards, args.task, workers=args.workers, batches=args.batches, batch_size=args.batch_size,
+                     pipeline=pipeline)
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(f"{args.task} on {args.shards} ({args.workers} workers, batch {args.batch_size}):")
+        print(f"  pipeline {row['pipeline_images_per_s']:.1f} img/s ({row['pipeline_images_per_s_per_worker']:.1f}"
+              f"/worker)  raw decode {row['decode_images_per_s']:.1f} img/s  ratio {row['ratio']:.2f}x")
+    return 0

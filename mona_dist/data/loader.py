@@ -1,0 +1,243 @@
+"""`ShardLoader`: an epoch-aware, resumable, rank-explicit iterator over batches of a shard set.
+
+How resume works. Each worker's raw stream (shard order, shuffle buffer, resampling) is a pure function of
+(seed, epoch, rank, worker), and each sample's augmentation is seeded by its position in that stream. Workers batch
+themselves and send every batch with (logical worker, raw samples consumed so far). The loader records, per logical
+worker, the raw position of the last batch it *yielded*, plus which worker comes next in torch's round-robin.
+`load_state_dict` re-creates the stream: worker w skips its first `raw[w]` raw samples without decoding them, and
+workers are rotated so the round-robin starts at the next worker. The remaining batches are then identical, in
+order and content, to an uninterrupted run (tests/data/test_loader.py checks this).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .index import ShardSet
+from .plan import WorkerPlan, mix_seed, planned_batches, worker_plan
+from .wds_compat import SkipCounter, iter_shard, shuffled, worker_info
+
+log = logging.getLogger("mona_dist.data")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a worker needs to rebuild its part of an epoch (picklable, no open files)."""
+
+    shards: ShardSet
+    train: bool
+    rank: int
+    world_size: int
+    num_workers: int
+    seed: int
+    epoch: int
+    batch_size: int
+    drop_last: bool
+    shuffle_buffer: int
+    resampled: bool
+    epoch_samples: Optional[int]
+    rotation: int = 0  # physical worker i plays logical worker (i + rotation) % num_workers
+    resume: tuple[tuple[int, int], ...] = ()  # per logical worker: (raw consumed, emitted) so far
+
+    def plan(self, worker: int) -> WorkerPlan:
+        return worker_plan(
+            self.shards, train=self.train, rank=self.rank, world_size=self.world_size, worker=worker,
+            num_workers=self.num_workers, seed=self.seed, epoch=self.epoch, drop_last=self.drop_last,
+            resampled=self.resampled, epoch_samples=self.epoch_samples,
+        )
+
+
+def _raw_stream(plan: WorkerPlan, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+    if plan.resampled:
+        import random
+
+        rng, empty_draws = random.Random(plan.shuffle_seed), 0
+        while empty_draws < 3 * len(plan.resample_from):  # every shard unreadable: stop instead of spinning
+            got = 0
+            for sample in iter_shard(rng.choice(plan.resample_from), skips=skips):
+                got += 1
+                yield sample
+            empty_draws = 0 if got else empty_draws + 1
+        return
+    while True:  # more than one pass only when a train worker's slice came up short (corrupt samples)
+        got = 0
+        for seg in plan.segments:
+            for sample in iter_shard(seg.url, seg.start, seg.stop, skips=skips):
+                got += 1
+                yield sample
+        if plan.target_samples is None or got == 0:
+            return
+
+
+class _WorkerStream(IterableDataset):
+    """Runs inside each DataLoader worker: yields (meta, batch) and finally (meta, None) carrying the counters.
+
+    meta = (logical worker, raw samples consumed, samples emitted, corrupt samples skipped, shard errors).
+    """
+
+    def __init__(self, spec: StreamSpec, sample_fn: Callable, collate_fn: Callable):
+        super().__init__()
+        self.spec, self.sample_fn, self.collate_fn = spec, sample_fn, collate_fn
+
+    def __iter__(self):
+        spec = self.spec
+        physical, _ = worker_info()
+        worker = (physical + spec.rotation) % spec.num_workers
+        plan = spec.plan(worker)
+        skips = SkipCounter()
+        stream = _raw_stream(plan, skips)
+        if spec.train and spec.shuffle_buffer > 1:
+            stream = shuffled(stream, spec.shuffle_buffer, plan.shuffle_seed)
+        raw, emitted = spec.resume[worker] if spec.resume else (0, 0)
+        for _ in range(raw):  # resume: fast-forward through what was consumed, without decoding
+            if next(stream, None) is None:
+                break
+        target = plan.target_samples
+        if target is not None and spec.drop_last:
+            target -= target % spec.batch_size
+        in_main = torch.utils.data.get_worker_info() is None
+        buffer: list = []
+
+        def meta():
+            return (worker, raw, emitted, skips.samples, skips.shards)
+
+        for sample in stream:
+            if target is not None and emitted >= target:
+                break
+            raw += 1
+            state = torch.get_rng_state() if in_main else None  # don't disturb the trainer's RNG
+            torch.manual_seed(mix_seed(plan.augment_seed, raw))  # augmentation = f(stream position)
+            try:
+                buffer.append(self.sample_fn(sample))
+            except Exception as exn:  # noqa: BLE001 -- an undecodable sample is skipped, never fatal
+                skips.sample_error(f"{sample.get('__url__')}:{sample.get('__key__')}", exn)
+                continue
+            finally:
+                if state is not None:
+                    torch.set_rng_state(state)
+            emitted += 1
+            if len(buffer) == spec.batch_size:
+                yield meta(), self.collate_fn(buffer)
+                buffer = []
+        if buffer and not spec.drop_last:
+            yield meta(), self.collate_fn(buffer)
+        yield meta(), None
+
+
+def _identity(x):
+    return x
+
+
+class ShardLoader:
+    """Iterable over batches of one split for one rank. Construct with `mona_dist.data.build_loader`.
+
+    - `set_epoch(e)` picks the epoch (shard order, shuffles, augmentation); finishing an epoch moves to the next.
+      Setting the epoch it is already in keeps the position, so `load_state_dict` then `set_epoch` resumes.
+    - Iterating again after a `break` continues with the next unseen batch.
+    - `skipped` counts corrupt samples + unreadable shards so far (`skip_counts` splits them).
+    - `len(loader)`: batches per epoch for this rank (exact for training; eval: before corrupt samples).
+    """
+
+    def __init__(self, shards: ShardSet, sample_fn: Callable, collate_fn: Callable, *, train: bool, rank: int,
+                 world_size: int, seed: int, batch_size: int, workers: int, shuffle_buffer: int = 0,
+                 resampled: bool = False, epoch_samples: Optional[int] = None, drop_last: bool = False,
+                 pin_memory: bool = False, prefetch_factor: int = 2):
+        self.shards, self.sample_fn, self.collate_fn = shards, sample_fn, collate_fn
+        self.train, self.rank, self.world_size, self.seed = train, rank, world_size, seed
+        self.batch_size, self.workers = batch_size, workers
+        self.shuffle_buffer, self.resampled, self.epoch_samples = shuffle_buffer, resampled, epoch_samples
+        self.drop_last = drop_last and train
+        self.pin_memory, self.prefetch_factor = pin_memory and torch.cuda.is_available(), prefetch_factor
+        self.epoch = 0
+        self._skipped_before = {"samples": 0, "shards": 0}
+        self._skips_now: dict[int, tuple[int, int]] = {}
+        self._reset_position()
+
+    @property
+    def num_workers(self) -> int:
+        return max(1, self.workers)
+
+    def _reset_position(self) -> None:
+        self.position = 0  # batches yielded in this epoch
+        self._resume = [(0, 0)] * self.num_workers  # per logical worker: (raw consumed, emitted)
+        self._next_worker = 0
+
+    def _fold_skips(self) -> None:
+        for s, sh in self._skips_now.values():
+            self._skipped_before["samples"] += s
+            self._skipped_before["shards"] += sh
+        self._skips_now = {}
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        now = self._skips_now.values()
+        return {"samples": self._skipped_before["samples"] + sum(s for s, _ in now),
+                "shards": self._skipped_before["shards"] + sum(sh for _, sh in now)}
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skip_counts.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._reset_position()
+
+    def _spec(self) -> StreamSpec:
+        return StreamSpec(
+            self.shards, self.train, self.rank, self.world_size, self.num_workers, self.seed, self.epoch,
+            self.batch_size, self.drop_last, self.shuffle_buffer, self.resampled, self.epoch_samples,
+            rotation=self._next_worker, resume=tuple(self._resume),
+        )
+
+    def __len__(self) -> int:
+        spec = self._spec()
+        counts = [planned_batches(spec.plan(w), self.batch_size, self.drop_last) for w in range(self.num_workers)]
+        if any(c is None for c in counts):
+            raise TypeError("epoch length unknown: these shards have no index with sample counts")
+        return sum(counts)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._fold_skips()
+        stream = _WorkerStream(self._spec(), self.sample_fn, self.collate_fn)
+        extra = {"prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
+        loader = DataLoader(stream, batch_size=None, num_workers=self.workers, collate_fn=_identity,
+                            pin_memory=self.pin_memory, **extra)
+        for (worker, raw, emitted, skip_samples, skip_shards), batch in loader:
+            self._skips_now[worker] = (skip_samples, skip_shards)
+            if batch is None:
+                continue
+            self._resume[worker] = (raw, emitted)
+            self._next_worker = (worker + 1) % self.num_workers
+            self.position += 1
+            yield batch
+        self._fold_skips()
+        self.epoch += 1
+        self._reset_position()
+
+    def _layout(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "workers": self.num_workers, "batch_size": self.batch_size,
+                "resampled": self.resampled, "seed": self.seed, "shards": len(self.shards.urls)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "resume": [list(r) for r in self._resume],
+                "next_worker": self._next_worker, "layout": self._layout(), "skipped": self.skip_counts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self._reset_position()
+        self._skipped_before, self._skips_now = dict(state.get("skipped", self._skipped_before)), {}
+        if state["layout"] != self._layout():
+            if state["position"]:
+                log.warning("data layout changed since the checkpoint (%s -> %s): starting epoch %d afresh",
+                            state["layout"], self._layout(), self.epoch + 1)
+                self.epoch += 1
+            return
+        self.position = int(state["position"])
+        self._resume = [tuple(r) for r in state["resume"]]
+        self._next_worker = int(state["next_worker"])

@@ -1,0 +1,213 @@
+"""Per-task decode -> transform -> collate, producing exactly the batches of docs/ARCHITECTURE.md.
+
+  cls   {"images": float (B,3,H,W), "labels": int64 (B,)}
+  seg   {"images": float (B,3,H,W), "masks": int64 (B,H,W)}  0..K-1, 255 = ignore (reduce_zero_label like mmseg)
+        eval adds "orig_masks" (list of int64 (H0,W0), the untouched label maps after reduce_zero_label),
+        "img_sizes" (list of (h, w): the valid, unpadded part of each image) and "orig_size": evaluate at original
+        size by cropping logits to img_sizes[i], resizing to orig_size[i] and comparing with orig_masks[i].
+  coco  {"images": list of float (3,h,w), "targets": list of {boxes, labels 1..K, masks uint8 (N,h,w), image_id,
+        orig_size, iscrowd, area}}; training targets exclude crowd regions, eval targets keep them (iscrowd=True)
+  voc   same with {boxes, labels, difficult, image_id, orig_size}; training targets exclude difficult objects
+        (mmdet's rule), eval targets keep them. VOC's 1-based inclusive boxes become [x1-1, y1-1, x2, y2].
+Batches are padded (seg/cls) after normalisation with 0 and label 255, like mmseg's data preprocessor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+
+from .config import PipelineConfig
+from .transforms import IGNORE_INDEX, build_transform
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+
+
+def decode_rgb(sample: dict[str, Any], exclude: str = "") -> torch.Tensor:
+    """The sample's image as uint8 (3, H, W); libjpeg-turbo/libpng through torchvision."""
+    for key in IMAGE_KEYS:
+        if key in sample and key != exclude:
+            return decode_image(torch.frombuffer(bytearray(sample[key]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    raise KeyError(f"no image member ({'/'.join(IMAGE_KEYS)}) in sample; members: {sorted(sample)}")
+
+
+def decode_label_map(data: bytes) -> np.ndarray:
+    """A PNG label map as stored (L or P mode indices, not palette colours) -- hence PIL, not decode_png."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("L", "P", "I", "I;16"):
+            raise ValueError(f"label map has mode {im.mode}, expected a single-channel index image")
+        return np.asarray(im)
+
+
+def reduce_zero_label(label: torch.Tensor) -> torch.Tensor:
+    """mmseg's ADE20K rule: raw 0 ("other") -> 255 ignore, k -> k-1."""
+    out = label.to(torch.int64) - 1
+    out[label == 0] = IGNORE_INDEX
+    out[out == IGNORE_INDEX - 1] = IGNORE_INDEX
+    return out.to(torch.uint8)
+
+
+def _coco_masks(anns: list[dict], h: int, w: int) -> torch.Tensor:
+    from pycocotools import mask as mask_utils
+
+    out = torch.zeros((len(anns), h, w), dtype=torch.uint8)
+    for i, ann in enumerate(anns):
+        seg = ann["segmentation"]
+        if isinstance(seg, list):  # polygons
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        elif isinstance(seg["counts"], list):  # uncompressed RLE (crowd)
+            rle = mask_utils.frPyObjects(seg, h, w)
+        else:
+            rle = seg
+        out[i] = torch.from_numpy(mask_utils.decode(rle))
+    return out
+
+
+def _boxes(xyxy: list[list[float]], h: int, w: int) -> tv_tensors.BoundingBoxes:
+    t = torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4)
+    t[:, 0::2] = t[:, 0::2].clamp(0, w)
+    t[:, 1::2] = t[:, 1::2].clamp(0, h)
+    return tv_tensors.BoundingBoxes(t, format="XYXY", canvas_size=(h, w))
+
+
+def _coco_record(sample: dict, train: bool, cat_to_label: dict[int, int]) -> dict[str, Any]:
+    meta = json.loads(sample["json"])
+    image = decode_rgb(sample)
+    h, w = image.shape[-2:]
+    anns = [a for a in meta["annotations"] if a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
+    if train:
+        anns = [a for a in anns if not a.get("iscrowd", 0)]
+    xyxy = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
+    return {
+        "image": tv_tensors.Image(image),
+        "boxes": _boxes(xyxy, h, w),
+        "labels": torch.tensor([cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+        "masks": tv_tensors.Mask(_coco_masks(anns, h, w)),
+        "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
+        "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
+        "image_id": int(meta["image"]["id"]),
+        "orig_size": (int(h), int(w)),
+    }
+
+
+def _voc_record(sample: dict, train: bool, name_to_label: dict[str, int]) -> dict[str, Any]:
+    meta = json.loads(sample["json"])
+    image = decode_rgb(sample)
+    h, w = image.shape[-2:]
+    objs = [o for o in meta["objects"] if not (train and o["difficult"])]
+    xyxy = [[o["bbox"][0] - 1, o["bbox"][1] - 1, o["bbox"][2], o["bbox"][3]] for o in objs]
+    return {
+        "image": tv_tensors.Image(image),
+        "boxes": _boxes(xyxy, h, w),
+        "labels": torch.tensor([name_to_label[o["name"]] for o in objs], dtype=torch.int64),
+        "difficult": torch.tensor([bool(o["difficult"]) for o in objs], dtype=torch.bool),
+        "image_id": int(meta["image_id"]),
+        "orig_size": (int(h), int(w)),
+    }
+
+
+def _seg_record(sample: dict, train: bool, reduce_zero: bool) -> dict[str, Any]:
+    image = decode_rgb(sample, exclude="png")
+    label = torch.from_numpy(decode_label_map(sample["png"]).astype(np.uint8))
+    if label.shape != image.shape[-2:]:
+        raise ValueError(f"label map {tuple(label.shape)} does not match image {tuple(image.shape[-2:])}")
+    if reduce_zero:
+        label = reduce_zero_label(label)
+    rec = {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(label)}
+    if not train:
+        rec["orig_mask"] = label.to(torch.int64)
+    return rec
+
+
+def _cls_record(sample: dict, train: bool) -> dict[str, Any]:
+    label = int(sample["cls"]) if "cls" in sample else int(json.loads(sample["json"])["label"])
+    return {"image": tv_tensors.Image(decode_rgb(sample)), "label": label}
+
+
+def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (images.float().div_(255) - mean) / std
+
+
+def _pad_stack(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
+    h = max(t.shape[-2] for t in tensors)
+    w = max(t.shape[-1] for t in tensors)
+    out = tensors[0].new_full((len(tensors), *tensors[0].shape[:-2], h, w), value)
+    for i, t in enumerate(tensors):
+        out[i, ..., : t.shape[-2], : t.shape[-1]] = t
+    return out
+
+
+class TaskPipeline:
+    """Callable pieces a loader worker runs: `sample(raw) -> record` (decode + augment), `collate(records)`."""
+
+    def __init__(self, task: str, cfg: PipelineConfig, train: bool, classes: Optional[list] = None,
+                 reduce_zero: bool = True):
+        if task not in ("cls", "seg", "coco", "voc"):
+            raise ValueError(f"unknown data task {task!r}; valid: cls, coco, seg, voc")
+        self.task, self.train, self.reduce_zero = task, train, reduce_zero
+        self.transform = build_transform(task, cfg, train)
+        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(3, 1, 1)
+        self.label_map: dict = {}
+        if task in ("coco", "voc"):
+            if not classes:
+                raise ValueError(f"{task} shards need the index's class list (write them with `mona-dist shards {task}`)")
+            keys = [c["id"] for c in classes] if task == "coco" else list(classes)
+            self.label_map = {k: i + 1 for i, k in enumerate(keys)}  # 0 = background (torchvision)
+
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        if self.task == "cls":
+            return _cls_record(raw, self.train)
+        if self.task == "seg":
+            return _seg_record(raw, self.train, self.reduce_zero)
+        if self.task == "coco":
+            return _coco_record(raw, self.train, self.label_map)
+        return _voc_record(raw, self.train, self.label_map)
+
+    def sample(self, raw: dict[str, Any]) -> dict[str, Any]:
+        return self.transform(self.decode(raw))
+
+    def collate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.task == "cls":
+            images = _pad_stack([_normalise(r["image"], self.mean, self.std) for r in records], 0.0)
+            return {"images": images, "labels": torch.tensor([r["label"] for r in records], dtype=torch.int64)}
+        if self.task == "seg":
+            images = [r["image"].as_subclass(torch.Tensor) for r in records]
+            batch = {
+                "images": _pad_stack([_normalise(im, self.mean, self.std) for im in images], 0.0),
+                "masks": _pad_stack([r["mask"].as_subclass(torch.Tensor) for r in records], IGNORE_INDEX).long(),
+            }
+            if not self.train:
+                batch["orig_masks"] = [r["orig_mask"] for r in records]
+                batch["orig_size"] = [tuple(r["orig_mask"].shape) for r in records]
+                batch["img_sizes"] = [tuple(im.shape[-2:]) for im in images]
+            return batch
+        targets = []
+        for r in records:
+            t = {k: v for k, v in r.items() if k != "image"}
+            t["boxes"] = r["boxes"].as_subclass(torch.Tensor)
+            if "masks" in r:
+                t["masks"] = r["masks"].as_subclass(torch.Tensor)
+            targets.append(t)
+        images = [_normalise(r["image"].as_subclass(torch.Tensor), self.mean, self.std) for r in records]
+        return {"images": images, "targets": targets}
+
+
+def decode_only(task: str) -> Callable[[dict[str, Any]], int]:
+    """The raw-decode baseline for `bench-data`: decode the image (and seg label map), nothing else."""
+
+    def run(raw: dict[str, Any]) -> int:
+        image = decode_rgb(raw, exclude="png" if task == "seg" else "")
+        if task == "seg":
+            decode_label_map(raw["png"])
+        return int(image.shape[-1])
+
+    return run
