@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = [
     "mona_dist.models.cli",  # params, convert
+    "mona_dist.data.cli",  # shards, bench-data
     "mona_dist.bench.cli",  # bench
 ]
 
