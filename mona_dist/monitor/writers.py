@@ -1,0 +1,108 @@
+"""Where the numbers go: TensorBoard (`<out>/tb/`), `<out>/metrics.jsonl` and a tqdm bar, all on rank 0 only.
+
+Other ranks get a `Monitor` whose methods do nothing, so the loop never branches on the rank to log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mona_dist.config.schema import MonitorConfig
+
+# Record keys -> TensorBoard tags; anything else in a record (e.g. eval/...) keeps its own name.
+TB_TAGS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "samples_per_s": "perf/samples_per_s",
+    "data_wait_s": "perf/data_wait_s",
+    "step_time_s": "perf/step_time_s",
+    "mem_bytes": "perf/peak_mem_bytes",
+    "skipped_samples": "data/skipped_samples",
+    "skipped_steps": "train/skipped_steps",
+}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan"/"inf": JSON has no literal for them
+    return value
+
+
+class Monitor:
+    """Rank-0 sink for per-step and eval records; `enabled=False` makes every call a no-op."""
+
+    def __init__(self, out_dir: str | Path, cfg: MonitorConfig, enabled: bool, total_steps: int, start_step: int = 0):
+        self.enabled = enabled
+        self.tb = self.jsonl = self.bar = None
+        if not enabled:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        if cfg.jsonl:
+            self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)  # a resumed run appends
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log_static(self, step: int, values: dict[str, float]) -> None:
+        """Once-per-run numbers (trainable parameters, ...): TensorBoard scalars and a jsonl record."""
+        if self.enabled:
+            self._write(step, {"step": step, **{f"model/{k}": v for k, v in values.items()}})
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """One optimizer step: `record` has at least step, loss, lr, grad_norm, samples_per_s, mem_bytes."""
+        if not self.enabled:
+            return
+        self._write(record["step"], record)
+        if self.bar is not None:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 sps=f"{record['samples_per_s']:.1f}")
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._write(step, {"step": step, **metrics})
+        if self.bar is not None:
+            self.bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def message(self, text: str) -> None:
+        """A line for the user that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _write(self, step: int, record: dict[str, Any]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key == "step" or value is None:
+                    continue
+                if key == "samples_per_s_rank":
+                    for rank, v in enumerate(value):
+                        self.tb.add_scalar(f"perf/samples_per_s_rank{rank}", v, step)
+                elif isinstance(value, (int, float)):
+                    self.tb.add_scalar(TB_TAGS.get(key, key), value, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        self.tb = self.jsonl = self.bar = None

@@ -1,0 +1,26 @@
+"""`mona-dist train --config CONFIG [--set key=value ...] [--resume latest|auto|PATH]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a task from a YAML config (any launcher: torchrun, deepspeed, srun)",
+                       description=__doc__)
+    p.add_argument("--config", required=True, help="YAML config (may name a `base:` file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value parsed as YAML (repeatable), e.g. --set train.max_steps=20")
+    p.add_argument("--resume", default=None, metavar="latest|auto|PATH",
+                   help="latest: <output_dir>/checkpoints/latest (must exist); auto: latest if present, else fresh; "
+                        "or a checkpoint directory")
+    # The deepspeed launcher appends --local_rank=N; ranks come from mona_dist.distributed instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mona_dist.config import load_config
+    from mona_dist.train.loop import train
+
+    return train(load_config(args.config, args.overrides), resume=args.resume)

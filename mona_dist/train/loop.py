@@ -1,0 +1,164 @@
+"""The training loop: build everything from the config, then step, log, evaluate and checkpoint.
+
+One all-reduce per micro-batch carries [loss, non-finite flag, pre-emption flag], so every rank takes the same
+decision (skip, stop, save-and-exit) at the same step without extra synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from mona_dist.config import Config, dump_config
+from mona_dist.distributed import DistState, init_distributed
+from mona_dist.engine import Engine, LRSchedule, build_engine
+from mona_dist.models import count_parameters
+from mona_dist.monitor import Monitor, StepMeter
+from mona_dist.tasks import TASKS, Task
+from mona_dist.train.checkpoint import (checkpoint_root, frozen_fingerprint, load_checkpoint, resolve_resume,
+                                        save_checkpoint, set_rng_state)
+from mona_dist.train.signals import EX_TEMPFAIL, PreemptionFlag
+
+EX_NONFINITE = 3  # the run stopped on a NaN/inf loss (after saving a checkpoint)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def join_group(dist: DistState, cfg: Config) -> None:
+    """DeepSpeed and fairscale need a process group even for one rank: a private in-memory one does."""
+    if cfg.engine.name != "ddp" and not tdist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+
+
+def endless(loader: Any) -> Iterator[Any]:
+    """Batches forever; the loader moves to its next epoch by itself and keeps its position for checkpoints."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the training loader yielded no batch (data.train_shards empty or batch too large?)")
+
+
+def agree(loss: torch.Tensor, preempt: bool, device: torch.device) -> tuple[float, bool, bool]:
+    """Collective: (mean loss over ranks, any rank non-finite, any rank pre-empted)."""
+    finite = bool(torch.isfinite(loss))
+    t = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0, float(preempt)], dtype=torch.float64)
+    world = 1
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        t = t.to(device if tdist.get_backend() == "nccl" else "cpu")
+        tdist.all_reduce(t)
+        world = tdist.get_world_size()
+    loss_mean, nonfinite, stop = t.tolist()
+    return (loss_mean / world if not nonfinite else math.nan), nonfinite > 0, stop > 0
+
+
+def evaluate(task: Task, engine: Engine, loader: Any, dist: DistState) -> dict[str, float]:
+    engine.train(False)
+    try:
+        return task.evaluate(engine, loader, dist)
+    finally:
+        engine.train(True)
+
+
+def train(cfg: Config, resume: str | None = None) -> int:
+    """Run (or resume) training; returns the process exit code (0, EX_NONFINITE or EX_TEMPFAIL)."""
+    dist = init_distributed()
+    task = TASKS.get(cfg.task)
+    task.check(cfg)
+    join_group(dist, cfg)
+    out = Path(cfg.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+
+    seed_everything(cfg.train.seed)  # the same model on every rank
+    model = task.build_model(cfg)
+    total_params, trainable_params = count_parameters(model)
+    meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
+            "frozen_fingerprint": frozen_fingerprint(model)}
+    seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
+    loader = task.build_loader(cfg, "train", dist)
+    val_loader = task.build_loader(cfg, "val", dist) if cfg.data.val_shards else None
+    engine = build_engine(model, cfg.engine, cfg.optim, micro_batch_size=cfg.data.batch_size,
+                          local_rank=dist.local_rank, world_size=dist.world_size)
+    schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps)
+
+    step, skipped_steps = 0, 0
+    ckpt = resolve_resume(cfg.output_dir, resume)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, engine, dist, expect={k: meta[k] for k in ("engine", "zero_stage", "task",
+                                                                                  "frozen_fingerprint")})
+        step = state["step"]
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+
+    def save(at: int) -> Path:
+        return save_checkpoint(out, at, engine, loader, dist, meta, cfg.train.keep_last)
+
+    monitor = Monitor(out, cfg.monitor, dist.is_main, cfg.train.max_steps, step)
+    if ckpt is not None:
+        monitor.message(f"resumed from {ckpt} at step {step}")
+    monitor.log_static(step, {"params_total": total_params, "params_trainable": trainable_params})
+    meter, batches, accum = StepMeter(engine.device), endless(loader), cfg.engine.grad_accum
+    engine.train(True)
+    with PreemptionFlag() as preemption:
+        try:
+            while step < cfg.train.max_steps:
+                engine.set_lr(schedule(step))
+                meter.start()
+                losses, bad, stop = [], False, False
+                for micro in range(accum):
+                    meter.data_start()
+                    batch = next(batches)
+                    meter.data_end(task.batch_size(batch))
+                    if bad:
+                        continue  # keep consuming the step's batches so the data position stays aligned
+                    with engine.accumulating(last=micro == accum - 1):
+                        loss = engine(batch)["loss"]
+                        mean, bad, flagged = agree(loss.detach().float(), preemption.requested, engine.device)
+                        stop |= flagged
+                        if not bad:
+                            engine.backward(loss)
+                            losses.append(mean)
+                if bad and cfg.train.nan_policy == "stop":
+                    where = save(step)
+                    monitor.message(f"error: non-finite loss at step {step + 1}; stopped. Last good state saved "
+                                    f"to {where} (nan_policy=skip would skip such steps)")
+                    return EX_NONFINITE
+                if bad:
+                    engine.discard_step()
+                    skipped_steps += 1
+                else:
+                    engine.step()
+                step += 1
+                stats = meter.finish(skipped_samples=getattr(loader, "skipped", 0))
+                monitor.log_step({"step": step, "loss": math.nan if bad else sum(losses) / len(losses),
+                                  "lr": engine.lr, "grad_norm": None if bad else engine.grad_norm, **stats,
+                                  "skipped_steps": skipped_steps})
+                if stop:
+                    where = save(step)
+                    monitor.message(f"pre-empted: checkpoint {where} saved at step {step}; exiting {EX_TEMPFAIL}")
+                    return EX_TEMPFAIL
+                if cfg.train.ckpt_interval and (step % cfg.train.ckpt_interval == 0 or step == cfg.train.max_steps):
+                    save(step)
+                last = step == cfg.train.max_steps
+                due = cfg.train.eval_interval and step % cfg.train.eval_interval == 0
+                if val_loader is not None and (due or (last and cfg.train.eval_at_end)):
+                    monitor.log_eval(step, evaluate(task, engine, val_loader, dist))
+            monitor.message(f"done: {step} steps; outputs in {out} (checkpoints: {checkpoint_root(out)})")
+            return 0
+        finally:
+            monitor.close()
