@@ -11,6 +11,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
+    "mona_dist.train.cli",  # train
     "mona_dist.models.cli",  # params, convert
     "mona_dist.data.cli",  # shards, bench-data
     "mona_dist.bench.cli",  # bench
