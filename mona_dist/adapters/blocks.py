@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from timm.models.vision_transformer import Block as ViTBlock
 from timm.models.vision_transformer import VisionTransformer
@@ -31,6 +32,18 @@ class GridState:
 
     def __init__(self, hw: tuple[int, int]):
         self.hw = tuple(hw)
+
+
+class Recompute(nn.Module):
+    """`recompute(fn, x, *args)` runs fn now and keeps only its tensor arguments for backward, recomputing the rest
+    there (non-reentrant checkpoint, so parameters used inside still get gradients behind a frozen stem).
+
+    A module rather than a function so that what it keeps is visible to a forward pre-hook: the bench counts those
+    arguments as saved activations. It has no parameters and adds nothing to a state dict.
+    """
+
+    def forward(self, fn, *args):
+        return checkpoint(fn, *args, use_reentrant=False)
 
 
 def _fill(slot: nn.Module | None, x: torch.Tensor, **kw) -> torch.Tensor:

@@ -24,8 +24,10 @@ Design choices the paper leaves open, and what we chose:
 - mona_hw (ours): the same highway with Mona modules as the adapters (residual=False: the module's output is the
   delta), project2 zero-initialised for the same reason as above.
 - `lora_fa=True` (ours, after LoRA-FA): freeze the first projection that reads each tap (E3VA: the down factor A;
-  mona_hw: scaled norm + project1). A frozen first projection of a no-grad tap needs nothing kept for backward, so
-  the C-wide taps, which dominate a naive highway's memory, are never saved.
+  mona_hw: scaled norm + project1), and recompute the rest of each adapter in backward from that projection. A
+  frozen projection of a no-grad tap needs nothing kept for backward, so neither the C-wide taps nor the adapters'
+  C/2-wide hidden layers (together nearly all of a naive highway's activations) are saved: only the rank-wide
+  (E3VA: 2 x 8) or 64-wide (mona_hw) projections are.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch import nn
 from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from .blocks import family, iter_blocks, swin_block_taps, vit_block_taps
+from .blocks import Recompute, family, iter_blocks, swin_block_taps, vit_block_taps
 from .lorand import LoRand
 from .mona import Mona
 
@@ -96,8 +98,8 @@ class Highway(nn.Module):
                 merge.copy_from(stage.downsample)
 
     def checkpoint_units(self) -> list[tuple[nn.Module, str]]:
-        """Adapters worth recomputing in backward. None under lora_fa: there they keep only rank-wide tensors,
-        and a checkpoint would keep the C-wide tap alive instead."""
+        """Adapters worth recomputing in backward. None under lora_fa: those recompute themselves from their
+        rank-wide projection, and an outer checkpoint would keep the C-wide tap alive instead."""
         if self.lora_fa:
             return []
         return [(mods, str(i)) for mods in (self.attn_adapters, self.mlp_adapters) for i in range(len(mods))]
@@ -141,6 +143,7 @@ def _e3va_adapter(dim: int, rank: int, branches: int, hidden_ratio: float, lora_
     ad = LoRand(dim, hidden=int(dim * hidden_ratio), branches=branches, rank=rank, skip=False)
     nn.init.zeros_(ad.up.G)
     ad.down.A.requires_grad_(not lora_fa)
+    ad.recompute = Recompute() if lora_fa else None
     return ad
 
 
@@ -149,6 +152,7 @@ def _mona_adapter(dim: int, inner_dim: int, kernels, dropout: float, lora_fa: bo
     nn.init.zeros_(ad.project2.weight)
     for frozen in (ad.norm.weight, ad.norm.bias, ad.gamma, ad.gammax, ad.project1.weight, ad.project1.bias):
         frozen.requires_grad_(not lora_fa)
+    ad.recompute = Recompute() if lora_fa else None
     return ad
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import iter_blocks, make_petl
+from .blocks import Recompute, iter_blocks, make_petl
 
 
 class LowRankLinear(nn.Module):
@@ -36,16 +36,28 @@ class LowRankLinear(nn.Module):
             for w in factor:
                 nn.init.kaiming_uniform_(w, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x A for every branch: (..., in) -> (..., k, r)."""
         k, i, r = self.A.shape
-        p = (x @ self.A.transpose(0, 1).reshape(i, k * r)).unflatten(-1, (k, r))  # (..., k, r)
+        return (x @ self.A.transpose(0, 1).reshape(i, k * r)).unflatten(-1, (k, r))
+
+    def finish(self, p: torch.Tensor) -> torch.Tensor:
+        """(x A) G B + b, summed over branches: (..., k, r) -> (..., out)."""
+        k, r, _ = self.B.shape
         q = torch.einsum("...kr,krs->...ks", p, self.G)
         y = q.flatten(-2) @ self.B.reshape(k * r, -1)  # sum over branches and ranks at once
         return y if self.bias is None else y + self.bias
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.project(x))
+
 
 class LoRand(nn.Module):
-    """LoRand adapter on C channels: C -> hidden -> C through LowRankLinears, GELU between, optional skip."""
+    """LoRand adapter on C channels: C -> hidden -> C through LowRankLinears, GELU between, optional skip.
+
+    With `recompute` set to a `Recompute` module, only the rank-wide projection x A is kept for backward and the
+    rest of the adapter is recomputed from it (the highway's lora_fa mode, where A is frozen and x a no-grad tap).
+    """
 
     def __init__(
         self, dim: int, hidden: int | None = None, branches: int = 4, rank: int = 8, skip: bool = True
@@ -53,11 +65,16 @@ class LoRand(nn.Module):
         super().__init__()
         hidden = hidden or dim // 2
         self.skip = skip
+        self.recompute: Recompute | None = None
         self.down = LowRankLinear(dim, hidden, branches, rank)
         self.up = LowRankLinear(hidden, dim, branches, rank)
 
+    def _rest(self, p: torch.Tensor) -> torch.Tensor:
+        return self.up(F.gelu(self.down.finish(p)))
+
     def forward(self, x: torch.Tensor, **_) -> torch.Tensor:
-        y = self.up(F.gelu(self.down(x)))
+        p = self.down.project(x)
+        y = self._rest(p) if self.recompute is None else self.recompute(self._rest, p)
         return x + y if self.skip else y
 
 

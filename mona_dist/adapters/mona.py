@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import trunc_normal_
 
-from .blocks import iter_blocks, make_petl
+from .blocks import Recompute, iter_blocks, make_petl
 
 
 class MonaOp(nn.Module):
@@ -70,6 +70,7 @@ class Mona(nn.Module):
     ):
         super().__init__()
         self.residual = residual
+        self.recompute: Recompute | None = None  # set: keep only project1's output for backward (lora_fa)
         self.project1 = nn.Linear(in_dim, inner_dim)
         self.project2 = nn.Linear(inner_dim, in_dim)
         self.dropout = nn.Dropout(p=dropout)
@@ -86,7 +87,15 @@ class Mona(nn.Module):
     ) -> torch.Tensor:
         """x: (B, H, W, C) grid, or (B, P+N, C) tokens with `hw` = (H, W) of the N patch tokens."""
         p = self.project1(self.norm(x) * self.gamma + x * self.gammax)
-        if x.dim() == 4:
+        if self.recompute is None:
+            out = self._filter(p, hw, num_prefix_tokens)
+        else:
+            out = self.recompute(self._filter, p, hw, num_prefix_tokens)
+        return x + out if self.residual else out
+
+    def _filter(self, p: torch.Tensor, hw: tuple[int, int] | None, num_prefix_tokens: int) -> torch.Tensor:
+        """Everything after project1: the multi-cognitive filters, GELU, dropout, project2."""
+        if p.dim() == 4:
             z = self.adapter_conv(p.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         else:
             if hw is None:
@@ -100,8 +109,7 @@ class Mona(nn.Module):
             z = self.adapter_conv(grid).flatten(2).transpose(1, 2)
             if P:
                 z = torch.cat([self.adapter_conv.linear_path(p[:, :P]), z], dim=1)
-        out = self.project2(self.dropout(F.gelu(z)))
-        return x + out if self.residual else out
+        return self.project2(self.dropout(F.gelu(z)))
 
 
 def apply_mona(trunk: nn.Module, inner_dim: int = 64, kernels: tuple[int, ...] = (3, 5, 7), dropout: float = 0.1):

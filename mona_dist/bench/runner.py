@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from ..adapters import count_parameters
+from ..adapters.blocks import Recompute
 from ..models import build_backbone, checkpoint_units
 from .accounting import PeakMemory, model_state_bytes, saved_activation_bytes, zero_model_state_estimate
 
@@ -139,6 +140,7 @@ def run_bench(spec: BenchSpec, device: torch.device, local_rank: int = 0, world_
         model = BenchModel(build_backbone(spec.backbone, method, **opts), spec.task, spec.num_classes)
         total, trainable = count_parameters(model.backbone)
         units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
+        units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves
         engine = build_engine(model, ecfg, OptimConfig(lr=1e-5, weight_decay=0.05),
                               micro_batch_size=spec.batch_size, local_rank=local_rank, world_size=world_size)
         engine.train()

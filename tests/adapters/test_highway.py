@@ -6,6 +6,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from mona_dist.adapters import apply_method
+from mona_dist.adapters.blocks import Recompute
 from mona_dist.models import build_backbone
 
 
@@ -37,6 +38,9 @@ def saved_tensor_origins(bb, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
             hooks += [m.register_forward_pre_hook(on_adapter_input) for m in mods]
     params = {_storage(p) for p in bb.parameters()}
     saved: list[torch.Tensor] = []
+    # What a Recompute module keeps are its tensor arguments (its checkpoint hides everything inside).
+    hooks += [m.register_forward_pre_hook(lambda _m, args: saved.extend(a for a in args if isinstance(a, torch.Tensor)))
+              for m in bb.modules() if isinstance(m, Recompute)]
     with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = bb(x)
     for h in hooks:
@@ -69,7 +73,7 @@ def test_lora_fa_keeps_not_even_the_taps(backbone, method):
     plain = saved_tensor_origins(build_backbone(backbone, method), x)
     fa = saved_tensor_origins(build_backbone(backbone, method, lora_fa=True), x)
     assert fa["trunk"] == [] and fa["tap"] == []
-    assert _nbytes(fa["other"]) < _nbytes(plain["other"] + plain["tap"])
+    assert _nbytes(fa["other"]) < 0.5 * _nbytes(plain["other"] + plain["tap"])
 
 
 @pytest.mark.parametrize("method", ["mona", "full"])
