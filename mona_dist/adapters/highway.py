@@ -16,10 +16,10 @@ Design choices the paper leaves open, and what we chose:
   1.79 M).
 - The last factor of each up-projection starts at zero, so `h` is exactly zero at step 0 and every output equals
   out_norm(frozen backbone feature): training starts from the pretrained features, not from noise.
-- Highway merging between stages is a copy of the backbone's PatchMerging (2x2 concat, the LayerNorm's scale, the
-  4C -> 2C reduction) *without* the LayerNorm's normalisation: normalising the small delta `h` would turn it into
-  unit-variance noise (and map 0 to the LayerNorm bias). Frozen by default (trainable copies would add ~2.8 M
-  parameters on Swin-B); `train_downsample=True` trains them.
+- Highway merging between stages is the backbone's PatchMerging *without* its LayerNorm: the 2x2 concat and the
+  4C -> 2C reduction. Normalising the small delta `h` would turn it into unit-variance noise (and map 0 to the
+  LayerNorm bias). Frozen by default, and then it *is* the backbone's reduction (called, not copied: no extra
+  memory); `train_downsample=True` gives the highway trainable copies (~2.8 M more parameters on Swin-B).
 - ViT: one scale, no merging; outputs are taken at the requested blocks (4 evenly spaced by default).
 - mona_hw (ours): the same highway with Mona modules as the adapters (residual=False: the module's output is the
   delta), project2 zero-initialised for the same reason as above.
@@ -44,26 +44,19 @@ from .lorand import LoRand
 from .mona import Mona
 
 
-class HighwayMerge(nn.Module):
-    """The highway's 2x2 merging, copied from a backbone PatchMerging minus its normalisation (see module doc)."""
+def merge_2x2(h: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H/2, W/2, 4C), padding odd sizes, in the channel order of timm's PatchMerging."""
+    B, H, W, C = h.shape
+    h = nn.functional.pad(h, (0, 0, 0, W % 2, 0, H % 2))
+    _, H, W, _ = h.shape
+    return h.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
 
-    def __init__(self, pm: PatchMerging):
-        super().__init__()
-        self.scale = nn.Parameter(torch.empty_like(pm.norm.weight))
-        self.reduction = nn.Linear(pm.reduction.in_features, pm.reduction.out_features, bias=False)
-        self.copy_from(pm)
 
-    @torch.no_grad()
-    def copy_from(self, pm: PatchMerging) -> None:
-        self.scale.copy_(pm.norm.weight)
-        self.reduction.weight.copy_(pm.reduction.weight)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H/2, W/2, C')
-        B, H, W, C = h.shape
-        h = nn.functional.pad(h, (0, 0, 0, W % 2, 0, H % 2))
-        _, H, W, _ = h.shape
-        h = h.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # timm's order
-        return self.reduction(h * self.scale)
+def _copy_reduction(pm: PatchMerging) -> nn.Linear:
+    lin = nn.Linear(pm.reduction.in_features, pm.reduction.out_features, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(pm.reduction.weight)
+    return lin
 
 
 class Highway(nn.Module):
@@ -84,18 +77,20 @@ class Highway(nn.Module):
         dims = [dim for _, _, dim in iter_blocks(trunk)]
         self.attn_adapters = nn.ModuleList(make_adapter(d) for d in dims)
         self.mlp_adapters = nn.ModuleList(make_adapter(d) for d in dims)
-        if self.family == "swin":
+        # Trainable copies of the backbone's reductions, or None: then the backbone's own (frozen) ones are used.
+        self.merges = None
+        if self.family == "swin" and train_downsample:
             self.merges = nn.ModuleList(
-                HighwayMerge(st.downsample) if isinstance(st.downsample, PatchMerging) else nn.Identity()
+                _copy_reduction(st.downsample) if isinstance(st.downsample, PatchMerging) else nn.Identity()
                 for st in trunk.layers
             )
-            self.merges.requires_grad_(train_downsample)
 
+    @torch.no_grad()
     def copy_merges_from(self, trunk: nn.Module) -> None:
-        """Re-copy the merges from the trunk (after pretrained weights were loaded into it)."""
-        for merge, stage in zip(getattr(self, "merges", ()), getattr(trunk, "layers", ())):
-            if isinstance(merge, HighwayMerge):
-                merge.copy_from(stage.downsample)
+        """Re-copy trainable merges from the trunk (after pretrained weights were loaded into it)."""
+        for merge, stage in zip(self.merges or (), trunk.layers):
+            if isinstance(merge, nn.Linear):
+                merge.weight.copy_(stage.downsample.reduction.weight)
 
     def checkpoint_units(self) -> list[tuple[nn.Module, str]]:
         """Adapters worth recomputing in backward. None under lora_fa: those recompute themselves from their
@@ -121,8 +116,9 @@ class Highway(nn.Module):
             for s, stage in enumerate(trunk.layers):
                 with torch.no_grad():
                     x = stage.downsample(x)
-                if h is not None:
-                    h = self.merges[s](h)
+                if h is not None and isinstance(stage.downsample, PatchMerging):
+                    reduction = stage.downsample.reduction if self.merges is None else self.merges[s]
+                    h = reduction(merge_2x2(h))
                 for blk in stage.blocks:
                     with torch.no_grad():
                         x, a, m = swin_block_taps(blk, x)

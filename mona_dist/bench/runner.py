@@ -137,7 +137,8 @@ def run_bench(spec: BenchSpec, device: torch.device, local_rank: int = 0, world_
         meter.start()
         before_build = meter.base
         torch.manual_seed(spec.seed)  # same frozen weights and head init for every method
-        model = BenchModel(build_backbone(spec.backbone, method, **opts), spec.task, spec.num_classes)
+        outs = (-1,) if spec.task == "cls" else None  # a classifier reads the last stage only
+        model = BenchModel(build_backbone(spec.backbone, method, out_indices=outs, **opts), spec.task, spec.num_classes)
         total, trainable = count_parameters(model.backbone)
         units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
         units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves

@@ -74,12 +74,14 @@ class Backbone(nn.Module):
         if self.family == "swin":
             dims = [st.blocks[0].dim for st in trunk.layers]
             strides = [trunk.patch_embed.patch_size[0] * 2**i for i in range(len(dims))]
-            out_indices = tuple(range(len(dims))) if out_indices is None else tuple(out_indices)
+            default = tuple(range(len(dims)))
         else:
             depth = len(trunk.blocks)
             dims = [trunk.embed_dim] * depth
             strides = [trunk.patch_embed.patch_size[0]] * depth
-            out_indices = tuple((i + 1) * depth // 4 - 1 for i in range(4)) if out_indices is None else tuple(out_indices)
+            default = tuple((i + 1) * depth // 4 - 1 for i in range(4))
+        # Negative indices count from the end, as in Python: (-1,) is the last stage / block.
+        out_indices = default if out_indices is None else tuple(i % len(dims) if i < 0 else i for i in out_indices)
         if not out_indices or sorted(set(out_indices)) != list(out_indices) or not 0 <= out_indices[-1] < len(dims):
             raise ValueError(f"out_indices must be increasing indices below {len(dims)}, got {list(out_indices)}")
         self.out_indices = out_indices

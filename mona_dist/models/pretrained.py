@@ -143,7 +143,7 @@ def load_pretrained(bb, path: str | Path) -> LoadReport:
             f"({report.fraction:.0%} < 90%); first unmatched key in the file: {example}"
         )
     bb.load_state_dict(usable, strict=False)
-    if bb.highway is not None and not any(k.startswith("highway.merges.") for k in usable):
+    if bb.highway is not None and bb.highway.merges is not None and not any(k.startswith("highway.merges.") for k in usable):
         bb.highway.copy_merges_from(bb.trunk)  # the highway's merges start as copies of the loaded ones
     log.info("%s: %s", path, report.summary())
     return report

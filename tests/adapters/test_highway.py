@@ -92,14 +92,19 @@ def test_highway_starts_at_the_frozen_backbone_features():
         torch.testing.assert_close(a, b)
 
 
-def test_highway_merges_start_as_copies_of_the_backbone_patch_merging():
-    bb = build_backbone("swin_nano_patch4_window7", "e3va")
-    for merge, stage in zip(bb.highway.merges[1:], bb.trunk.layers[1:]):
-        assert torch.equal(merge.reduction.weight, stage.downsample.reduction.weight)
-        assert torch.equal(merge.scale, stage.downsample.norm.weight)
-        assert not merge.reduction.weight.requires_grad
-    bb = build_backbone("swin_nano_patch4_window7", "e3va", train_downsample=True)
-    assert bb.highway.merges[1].reduction.weight.requires_grad
+def test_frozen_highway_merges_are_the_backbone_reductions_and_cost_nothing():
+    plain = build_backbone("swin_nano_patch4_window7", "e3va")
+    assert plain.highway.merges is None
+    assert not any(".reduction." in n for n, _ in plain.highway.named_parameters())
+    trained = build_backbone("swin_nano_patch4_window7", "e3va", train_downsample=True)
+    for merge, stage in zip(trained.highway.merges[1:], trained.trunk.layers[1:]):
+        assert torch.equal(merge.weight, stage.downsample.reduction.weight) and merge.weight.requires_grad
+    # zero in, zero out: the merge keeps the highway's zero start
+    x = torch.randn(1, 3, 64, 64)
+    fixed = build_backbone("swin_nano_patch4_window7", "fixed").eval()
+    fixed.load_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("highway.")})
+    for a, b in zip(trained.eval()(x), fixed(x)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("method", ["e3va", "mona_hw", "mona", "lora"])

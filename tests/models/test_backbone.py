@@ -16,6 +16,7 @@ def test_out_indices_select_and_prune():
     bb = build_backbone("swin_nano_patch4_window7", "mona", out_indices=(1, 2))
     assert bb.out_channels == [64, 128] and bb.out_strides == [8, 16]
     assert len(bb.trunk.layers) == 3  # the last stage never runs, so it is not kept
+    assert build_backbone("swin_nano_patch4_window7", "e3va", out_indices=(-1,)).out_channels == [256]
     with pytest.raises(ValueError, match="out_indices must be increasing"):
         build_backbone("swin_nano_patch4_window7", "mona", out_indices=(2, 1))
 

@@ -56,12 +56,12 @@ def test_microsoft_swin_release_loads_into_any_method(tmp_path):
     ms["head.weight"] = torch.randn(1000, 256)
     path = tmp_path / "swin_ms.pth"
     torch.save({"model": ms}, path)
-    bb = build_backbone(NANO, "e3va", pretrained=str(path))
+    bb = build_backbone(NANO, "e3va", pretrained=str(path), train_downsample=True)
     for k, v in src.trunk.state_dict().items():
         assert torch.equal(bb.trunk.state_dict()[k], v), k
     assert torch.equal(bb.out_norms[3].weight, src.out_norms[3].weight)
-    # the highway's merges were copied from the loaded (not the random) patch merging
-    assert torch.equal(bb.highway.merges[2].reduction.weight, src.trunk.layers[2].downsample.reduction.weight)
+    # the highway's trainable merges were copied from the loaded (not the random) patch merging
+    assert torch.equal(bb.highway.merges[2].weight, src.trunk.layers[2].downsample.reduction.weight)
 
 
 def test_timm_format_with_window_resize(tmp_path):
