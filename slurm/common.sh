@@ -1,0 +1,84 @@
+# Sourced by every slurm/*.sh: locate the checkout, pick the interpreter, run one task per GPU with srun, and turn
+# the trainer's "pre-empted, checkpoint saved" exit into a requeue of the same job.
+#
+# Environment knobs (all optional; set them in front of `sbatch`, which exports the submitting environment):
+#   CONFIG          YAML config, relative to the checkout (each script names its own default)
+#   RUN_DIR         output directory; default runs/<job name>-<job id>. The job id survives `scontrol requeue`,
+#                   so a requeued job finds its own checkpoints there and `--resume auto` continues from them.
+#   SET             extra space-separated key=value config overrides, e.g. SET="optim.lr=2e-4 train.max_steps=500"
+#   PYTHON          interpreter; default .venv/bin/python when present, else python
+#   MONA_DIST_ROOT  the checkout; default the directory sbatch was called from (SLURM copies the batch script to
+#                   its spool directory, so the script's own path does not lead back here)
+#   OMP_NUM_THREADS default SLURM_CPUS_PER_TASK (1 outside SLURM)
+#
+# Pre-emption, end to end:
+#   1. `#SBATCH --signal=USR1@120` (no `B:`) makes slurmctld send SIGUSR1 to the tasks of every job step, i.e. to
+#      the srun'd trainers, 120 s before the time limit. `scancel --signal=USR1 <jobid>` does the same by hand
+#      (steps only; `--full` or `--batch` would also/only hit this shell). With `--signal=B:USR1@...` only this
+#      shell is signalled; it then forwards USR1 to srun, which relays it to the tasks, so both forms work.
+#   2. The trainer saves `$RUN_DIR/checkpoints/latest` and every rank exits 75 (EX_TEMPFAIL).
+#   3. srun returns 75; this shell runs `scontrol requeue $SLURM_JOB_ID` (needs `--requeue`). SLURM puts the job
+#      back in the queue under the same id with SLURM_RESTART_COUNT incremented; `--open-mode=append` keeps the
+#      first run's log lines in the same output file.
+#   4. The requeued job runs the same command; `--resume auto` picks up the checkpoint.
+# SIGTERM (cancellation, time limit, pre-emption by SLURM itself) reaches srun and the tasks directly; this shell
+# traps it only to stay alive and report srun's real exit status.
+
+set -euo pipefail
+
+readonly EX_TEMPFAIL=75
+
+MONA_DIST_ROOT=${MONA_DIST_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+cd "$MONA_DIST_ROOT"
+
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-mona}-${SLURM_JOB_ID:-local}}
+
+mona_log() { echo "[$(date +%FT%T)] [slurm ${SLURM_JOB_ID:-local}.${SLURM_RESTART_COUNT:-0}] $*"; }
+
+# mona_srun CMD...: `srun CMD` (one task per allocated task slot, i.e. per GPU), waiting through trapped signals.
+# Exit 75 from the tasks requeues this job; any other status becomes this script's status.
+mona_srun() {
+    local pid status
+    mona_log "nodes=${SLURM_JOB_NODELIST:-?} ntasks=${SLURM_NTASKS:-?} restart=${SLURM_RESTART_COUNT:-0}: $*"
+    srun "$@" &
+    pid=$!
+    trap 'mona_log "batch shell got SIGTERM; waiting for srun"' TERM
+    trap 'mona_log "batch shell got SIGUSR1; forwarding to srun"; kill -USR1 "$pid" 2>/dev/null || true' USR1
+    while :; do
+        status=0
+        wait "$pid" || status=$?
+        # A trapped signal interrupts `wait` with 128+signo while srun keeps running: wait again.
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    # srun may have finished during the handler; bash keeps a reaped child's status for a later `wait`.
+    wait "$pid" 2>/dev/null && status=0 || status=$?
+    trap - TERM USR1
+    if [[ $status -eq $EX_TEMPFAIL && -n ${SLURM_JOB_ID:-} ]]; then
+        mona_log "tasks exited $EX_TEMPFAIL (checkpoint saved after a pre-emption signal): requeueing"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0  # SLURM ends this run now; the requeued one starts from the same RUN_DIR
+        fi
+        mona_log "scontrol requeue failed (job submitted with --no-requeue?)"
+    fi
+    mona_log "srun exited with status $status"
+    exit "$status"
+}
+
+# mona_train DEFAULT_CONFIG: the training command, one rank per task; ranks come from SLURM via mona_dist.distributed.
+mona_train() {
+    local config=${CONFIG:-$1} overrides=()
+    read -r -a overrides <<< "${SET:-}"
+    mona_srun "$PYTHON" -m mona_dist.cli train --config "$config" --set "output_dir=$RUN_DIR" "${overrides[@]}" \
+        --resume auto
+}
+
+# mona_bench DEFAULT_ARGS: `mona-dist bench` with BENCH_ARGS (space-separated) or the script's defaults.
+mona_bench() {
+    local args=()
+    read -r -a args <<< "${BENCH_ARGS:-$1}"
+    mona_srun "$PYTHON" -m mona_dist.cli bench --out "$RUN_DIR" "${args[@]}"
+}
