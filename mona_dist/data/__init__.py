@@ -37,6 +37,12 @@ def build_loader(task: str, cfg: DataConfig, split: Literal["train", "val"], *, 
         raise ValueError("data.val_shards is not set")
     train = split == "train"
     shards = resolve_shards(spec)
+    if shards.counts is None:
+        import logging
+
+        logging.getLogger("mona_dist.data").warning(
+            "%s: no index with sample counts; whole shards go to ranks/workers round-robin, so ranks may get "
+            "unequal batch counts (write shards with `mona-dist shards` to get an index)", spec)
     pipeline = TaskPipeline(task, cfg.pipeline(task, split), train, shards.classes, cfg.reduce_zero_label)
     return ShardLoader(
         shards, pipeline.sample, pipeline.collate, train=train, rank=rank, world_size=world_size, seed=seed,

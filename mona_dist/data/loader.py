@@ -52,25 +52,35 @@ class StreamSpec:
         )
 
 
-def _raw_stream(plan: WorkerPlan, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+def _raw_stream(plan: WorkerPlan, skips: SkipCounter, shuffle_buffer: int) -> Iterator[dict[str, Any]]:
+    """The worker's undecoded samples, shuffled through the buffer (shuffle_buffer <= 1: in order)."""
     if plan.resampled:
         import random
 
-        rng, empty_draws = random.Random(plan.shuffle_seed), 0
-        while empty_draws < 3 * len(plan.resample_from):  # every shard unreadable: stop instead of spinning
-            got = 0
-            for sample in iter_shard(rng.choice(plan.resample_from), skips=skips):
-                got += 1
-                yield sample
-            empty_draws = 0 if got else empty_draws + 1
+        def draws() -> Iterator[dict[str, Any]]:
+            rng, empty_draws = random.Random(mix_seed(plan.shuffle_seed, "resample")), 0
+            while empty_draws < 3 * len(plan.resample_from):  # every shard unreadable: stop, don't spin
+                got = 0
+                for sample in iter_shard(rng.choice(plan.resample_from), skips=skips):
+                    got += 1
+                    yield sample
+                empty_draws = 0 if got else empty_draws + 1
+
+        yield from shuffled(draws(), shuffle_buffer, plan.shuffle_seed)
         return
-    while True:  # more than one pass only when a train worker's slice came up short (corrupt samples)
-        got = 0
+
+    def one_pass() -> Iterator[dict[str, Any]]:
         for seg in plan.segments:
-            for sample in iter_shard(seg.url, seg.start, seg.stop, skips=skips):
-                got += 1
-                yield sample
-        if plan.target_samples is None or got == 0:
+            yield from iter_shard(seg.url, seg.start, seg.stop, skips=skips)
+
+    # A balanced train worker re-reads its slice only if corrupt samples left it short; each pass is shuffled on
+    # its own, so a second pass never mixes into (and displaces samples of) the first.
+    for n in range(1 if plan.target_samples is None else 1 << 30):
+        got = 0
+        for sample in shuffled(one_pass(), shuffle_buffer, mix_seed(plan.shuffle_seed, n)):
+            got += 1
+            yield sample
+        if got == 0:
             return
 
 
@@ -90,9 +100,7 @@ class _WorkerStream(IterableDataset):
         worker = (physical + spec.rotation) % spec.num_workers
         plan = spec.plan(worker)
         skips = SkipCounter()
-        stream = _raw_stream(plan, skips)
-        if spec.train and spec.shuffle_buffer > 1:
-            stream = shuffled(stream, spec.shuffle_buffer, plan.shuffle_seed)
+        stream = _raw_stream(plan, skips, spec.shuffle_buffer if spec.train else 0)
         raw, emitted = spec.resume[worker] if spec.resume else (0, 0)
         for _ in range(raw):  # resume: fast-forward through what was consumed, without decoding
             if next(stream, None) is None:

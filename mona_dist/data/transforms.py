@@ -83,8 +83,8 @@ class RandomCropNoPad(v2.Transform):
         label = next((x for x in flat_inputs if isinstance(x, tv_tensors.Mask) and x.ndim == 2), None)
         if self.cat_max_ratio is not None and self.cat_max_ratio < 1 and label is not None:
             for _ in range(10):
-                crop = label[top : top + ch, left : left + cw]
-                counts = torch.bincount(crop[crop != IGNORE_INDEX].flatten().long())
+                crop = label[top : top + ch, left : left + cw].as_subclass(torch.Tensor)
+                counts = torch.bincount(crop.flatten(), minlength=256)[:IGNORE_INDEX]
                 counts = counts[counts > 0]
                 if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio:
                     break

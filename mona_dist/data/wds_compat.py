@@ -35,7 +35,7 @@ class SkipCounter:
     def shard_error(self, exn: BaseException) -> bool:
         """webdataset handler protocol: return True to continue with the next shard."""
         self.shards += 1
-        log.warning("skipping unreadable shard data (%d so far): %s", self.shards, _short(exn))
+        log.warning("skipping the rest of an unreadable shard (%d so far): %s", self.shards, _short(exn))
         return True
 
     def sample_error(self, key: str, exn: BaseException) -> None:
@@ -66,7 +66,15 @@ def iter_shard(url: str, start: int = 0, stop: Optional[int] = None, *, skips: S
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-    sources = url_opener([{"url": url}], handler=skips.shard_error)
+    failed: list[BaseException] = []
+
+    def on_error(exn: BaseException) -> bool:  # webdataset may report one broken tar at two levels: count it once
+        if not failed:
+            failed.append(exn)
+            skips.shard_error(exn)
+        return True
+
+    sources = url_opener([{"url": url}], handler=on_error)
     opened: list[dict] = []
 
     def remember(srcs: Iterable[dict]) -> Iterator[dict]:
@@ -74,8 +82,8 @@ def iter_shard(url: str, start: int = 0, stop: Optional[int] = None, *, skips: S
             opened.append(src)
             yield src
 
-    files = tar_file_expander(remember(sources), handler=skips.shard_error)
-    samples = group_by_keys(files, handler=skips.shard_error)
+    files = tar_file_expander(remember(sources), handler=on_error)
+    samples = group_by_keys(files, handler=on_error)
     try:
         for i, sample in enumerate(samples):
             if stop is not None and i >= stop:

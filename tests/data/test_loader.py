@@ -60,8 +60,11 @@ def test_balanced_training_gives_every_rank_the_same_steps(synth):
     loaders = [key_loader(spec, rank=r, world_size=3, batch_size=3, drop_last=True, shuffle_buffer=4) for r in range(3)]
     counts = [len(list(loader)) for loader in loaders]
     assert counts == [len(loaders[0])] * 3 == [2, 2, 2]  # 24 // 3 = 8 per rank, 4 per worker -> one batch of 3 each
-    # the epoch advanced by itself
-    assert all(loader.epoch == 1 for loader in loaders)
+    assert all(loader.epoch == 1 for loader in loaders)  # the epoch advanced by itself
+    # 5 ranks: 4 samples each (the tail of the epoch order is dropped), 2 per worker; no sample twice
+    seen = [k for r in range(5) for k in keys_of(key_loader(spec, rank=r, world_size=5, drop_last=True,
+                                                               shuffle_buffer=8))]
+    assert len(seen) == 20 and len(set(seen)) == 20
 
 
 def cls_config(synth, workers: int) -> DataConfig:
