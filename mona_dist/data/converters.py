@@ -83,12 +83,15 @@ def coco(images: str, annotations: str) -> tuple[list[SampleRef], list[dict[str,
     return refs, classes
 
 
-def ade20k(images: str, annotations: str, classes_file: Optional[str] = None) -> tuple[list[SampleRef], Optional[list[str]]]:
+def ade20k(
+    images: str, annotations: str, classes_file: Optional[str] = None
+) -> tuple[list[SampleRef], Optional[list[str]]]:
     """`images/<stem>.jpg` paired with `annotations/<stem>.png`; class names from objectInfo150.txt if present."""
     _need_dir(images, "ADE20K images")
     _need_dir(annotations, "ADE20K annotations")
     if classes_file is None:
-        for cand in (os.path.join(images, "..", "..", "objectInfo150.txt"), os.path.join(images, "..", "objectInfo150.txt")):
+        for up in (("..", ".."), ("..",)):  # ADEChallengeData2016/objectInfo150.txt beside images/
+            cand = os.path.join(images, *up, "objectInfo150.txt")
             if os.path.isfile(cand):
                 classes_file = cand
                 break
@@ -133,7 +136,9 @@ def voc(roots: list[str], image_set: str, classes: Optional[list[str]] = None) -
     classes = list(classes) if classes else list(VOC_CLASSES)
     refs = []
     for root in roots:
-        listing = image_set if os.path.isfile(image_set) else os.path.join(root, "ImageSets", "Main", image_set + ".txt")
+        listing = image_set
+        if not os.path.isfile(listing):
+            listing = os.path.join(root, "ImageSets", "Main", image_set + ".txt")
         if not os.path.isfile(listing):
             raise FileNotFoundError(f"VOC image-set list not found: {listing}")
         with open(listing) as f:

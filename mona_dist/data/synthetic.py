@@ -19,8 +19,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = (("circle", (220, 40, 40)), ("square", (40, 200, 40)), ("triangle", (40, 80, 230)), ("diamond", (230, 210, 40)))
-CLASS_NAMES = [f"{shape}" for shape, _ in SHAPES]
+SHAPES = (  # class = shape, drawn in its own colour (jittered per object)
+    ("circle", (220, 40, 40)),
+    ("square", (40, 200, 40)),
+    ("triangle", (40, 80, 230)),
+    ("diamond", (230, 210, 40)),
+)
+CLASS_NAMES = [shape for shape, _ in SHAPES]
 COCO_CATEGORY_IDS = (2, 5, 7, 11)  # non-contiguous on purpose, like COCO's 1..90 with gaps
 ADE_STUFF = ("wall", "floor")  # ADE label 1, 2; shapes follow as 3..; 0 = other (ignored after reduce_zero_label)
 SPLITS = {"train": 0, "val": 1}
@@ -43,6 +48,10 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _apart(a: dict, b: dict) -> bool:
+    return float(np.hypot(a["c"][0] - b["c"][0], a["c"][1] - b["c"][1])) > a["r"] + b["r"] + 2
+
+
 def _scene(rng: np.random.Generator, h: int, w: int, max_objects: int, rmin: float, rmax: float) -> list[dict]:
     """Non-overlapping shapes (rejection sampling), each {cls, poly} with the polygon inside the image."""
     objects: list[dict] = []
@@ -50,9 +59,10 @@ def _scene(rng: np.random.Generator, h: int, w: int, max_objects: int, rmin: flo
         for _try in range(20):
             r = float(rng.uniform(rmin, rmax) * min(h, w))
             cx, cy = float(rng.uniform(r + 1, w - r - 1)), float(rng.uniform(r + 1, h - r - 1))
-            if all((cx - o["c"][0]) ** 2 + (cy - o["c"][1]) ** 2 > (r + o["r"] + 2) ** 2 for o in objects):
+            new = {"c": (cx, cy), "r": r}
+            if all(_apart(new, o) for o in objects):
                 cls = int(rng.integers(len(SHAPES)))
-                objects.append({"cls": cls, "c": (cx, cy), "r": r, "poly": _polygon(SHAPES[cls][0], cx, cy, r)})
+                objects.append({**new, "cls": cls, "poly": _polygon(SHAPES[cls][0], cx, cy, r)})
                 break
     return objects
 
@@ -115,14 +125,14 @@ def make_coco(root: str, split: str, n: int, size: int, seed: int) -> None:
         h, w = _size(rng, size)
         objects = _scene(rng, h, w, 3, 0.1, 0.22)
         image_id = 1000 * (SPLITS[split] + 1) + i
-        crowd = i % 7 == 3  # a few crowd regions, stored as RLE like COCO's
-        if crowd:
+        small: list[dict] = []
+        if i % 7 == 3:  # a crowd of small same-class shapes, annotated as one RLE region like COCO's crowds
             small = _scene(rng, h, w, 6, 0.05, 0.07)
             for o in small:
                 o["cls"] = small[0]["cls"]
                 o["poly"] = _polygon(SHAPES[o["cls"]][0], *o["c"], o["r"])
-            objects = [o for o in objects if all(np.hypot(o["c"][0] - s["c"][0], o["c"][1] - s["c"][1]) > o["r"] + s["r"] + 2 for s in small)]
-        pil = _draw(_background(rng, h, w), objects + (small if crowd else []), rng)
+            objects = [o for o in objects if all(_apart(o, s) for s in small)]
+        pil = _draw(_background(rng, h, w), objects + small, rng)
         fname = f"{image_id:012d}.jpg"
         pil.save(os.path.join(folder, fname), quality=90)
         images.append({"id": image_id, "file_name": fname, "height": h, "width": w})
@@ -133,7 +143,7 @@ def make_coco(root: str, split: str, n: int, size: int, seed: int) -> None:
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[o["cls"]],
                          "segmentation": [seg], "area": float(mask_utils.area(rle).sum()),
                          "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)], "iscrowd": 0})
-        if crowd:
+        if small:
             m = Image.new("L", (w, h), 0)
             for s in small:
                 ImageDraw.Draw(m).polygon(s["poly"], fill=1)
@@ -142,7 +152,8 @@ def make_coco(root: str, split: str, n: int, size: int, seed: int) -> None:
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[small[0]["cls"]],
                          "segmentation": rle, "area": float(mask_utils.area(enc)),
                          "bbox": [round(v, 2) for v in mask_utils.toBbox(enc).tolist()], "iscrowd": 1})
-    categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in zip(COCO_CATEGORY_IDS, CLASS_NAMES)]
+    categories = [{"id": cid, "name": name, "supercategory": "shape"}
+                  for cid, name in zip(COCO_CATEGORY_IDS, CLASS_NAMES)]
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": categories}, f)
@@ -190,7 +201,9 @@ def make_voc(root: str, split: str, n: int, size: int, seed: int) -> None:
         objs = []
         for o in objects:
             xs, ys = [p[0] for p in o["poly"]], [p[1] for p in o["poly"]]
-            box = (max(1, round(min(xs)) + 1), max(1, round(min(ys)) + 1), min(w, round(max(xs)) + 1), min(h, round(max(ys)) + 1))
+            # VOC boxes are 1-based inclusive pixel indices
+            box = (max(1, round(min(xs)) + 1), max(1, round(min(ys)) + 1),
+                   min(w, round(max(xs)) + 1), min(h, round(max(ys)) + 1))
             difficult = int(o["r"] < 0.1 * min(h, w))  # the smallest shapes, as VOC marks hard objects
             objs.append(
                 f"<object><name>{CLASS_NAMES[o['cls']]}</name><pose>Unspecified</pose><truncated>0</truncated>"

@@ -57,3 +57,13 @@ def test_shuffle_buffer_is_seeded_and_accepts_iterators():
     a = list(shuffled((i for i in range(50)), 10, seed=3))
     assert a == list(shuffled(iter(range(50)), 10, seed=3)) and sorted(a) == list(range(50)) and a != list(range(50))
     assert a != list(shuffled(iter(range(50)), 10, seed=4))
+
+
+def test_pipe_spec_finds_its_index_through_the_same_command(synth):
+    shards_dir = os.path.join(synth("cls"), "shards")
+    shards = resolve_shards(f"pipe:cat {shards_dir}/train-{{000000..000003}}.tar")
+    assert shards.urls[0] == f"pipe:cat {shards_dir}/train-000000.tar"
+    assert shards.counts == [7, 7, 7, 3] and shards.classes == ["circle", "square", "triangle", "diamond"]
+    loader = ShardLoader(shards, lambda s: s["__key__"], list, train=False, rank=1, world_size=2, seed=0,
+                         batch_size=5, workers=0)
+    assert [k for b in loader for k in b] == [f"{i:08d}" for i in range(12, 24)]
