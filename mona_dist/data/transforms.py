@@ -123,7 +123,7 @@ def build_transform(task: str, cfg: PipelineConfig, train: bool) -> v2.Transform
     if cfg.color_jitter is not None:
         cj = cfg.color_jitter
         steps.append(v2.RandomApply([v2.ColorJitter(cj.brightness, cj.contrast, cj.saturation, cj.hue)], p=cj.p))
-    if task in ("coco", "voc") and train:
+    if task in ("coco", "voc") and train and cfg.crop is not None:  # only a crop can leave empty boxes behind
         steps.append(v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_box_fields))
     if task == "cls" and cfg.random_resized_crop is None and cfg.center_crop is None and cfg.crop is None:
         raise ValueError("cls pipelines need random_resized_crop, crop or center_crop so a batch has one size")
