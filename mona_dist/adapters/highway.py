@@ -22,7 +22,9 @@ Design choices the paper leaves open, and what we chose:
   memory); `train_downsample=True` gives the highway trainable copies (~2.8 M more parameters on Swin-B).
 - ViT: one scale, no merging; outputs are taken at the requested blocks (4 evenly spaced by default).
 - mona_hw (ours): the same highway with Mona modules as the adapters (residual=False: the module's output is the
-  delta), project2 zero-initialised for the same reason as above.
+  delta), project2 zero-initialised for the same reason as above. Its point is E3VA's memory with Mona's
+  filters, so it defaults to lora_fa=True (below): the filters, projector and project2 train, the scaled norm and
+  project1 stay frozen. `lora_fa=False` trains the whole Mona and keeps the taps.
 - `lora_fa=True` (ours, after LoRA-FA): freeze the first projection that reads each tap (E3VA: the down factor A;
   mona_hw: scaled norm + project1), and recompute the rest of each adapter in backward from that projection. A
   frozen projection of a no-grad tap needs nothing kept for backward, so neither the C-wide taps nor the adapters'
@@ -196,7 +198,7 @@ def apply_mona_hw(
     inner_dim: int = 64,
     kernels: tuple[int, ...] = (3, 5, 7),
     dropout: float = 0.1,
-    lora_fa: bool = False,
+    lora_fa: bool = True,
     train_downsample: bool = False,
 ) -> None:
     _attach(model, lambda d: _mona_adapter(d, inner_dim, kernels, dropout, lora_fa), lora_fa, train_downsample)

@@ -24,7 +24,9 @@ def _expected_trainable(method: str, name: str, bb) -> bool:
         "adaptformer": ".mlp_parallel." in name,
         "mona": ".post_attn." in name or ".post_mlp." in name,
         "e3va": (name.startswith("highway.") and ".merges." not in name) or name.startswith("out_norms."),
-        "mona_hw": (name.startswith("highway.") and ".merges." not in name) or name.startswith("out_norms."),
+        # lora_fa by default: each highway Mona's scaled norm and project1 stay frozen
+        "mona_hw": (name.startswith("highway.") and not any(f".{w}" in name for w in ("norm.", "gamma", "project1.")))
+        or name.startswith("out_norms."),
     }[method]
 
 
