@@ -69,11 +69,12 @@ mona_srun() {
 }
 
 # mona_train DEFAULT_CONFIG: the training command, one rank per task; ranks come from SLURM via mona_dist.distributed.
+# Each SET item becomes its own `--set key=value` (the train CLI takes one pair per flag).
 mona_train() {
-    local config=${CONFIG:-$1} overrides=()
-    read -r -a overrides <<< "${SET:-}"
-    mona_srun "$PYTHON" -m mona_dist.cli train --config "$config" --set "output_dir=$RUN_DIR" "${overrides[@]}" \
-        --resume auto
+    local config=${CONFIG:-$1} item items=() sets=(--set "output_dir=$RUN_DIR")
+    read -r -a items <<< "${SET:-}"  # split on spaces without glob expansion ("x=[1,2]" stays as written)
+    for item in "${items[@]}"; do sets+=(--set "$item"); done
+    mona_srun "$PYTHON" -m mona_dist.cli train --config "$config" "${sets[@]}" --resume auto
 }
 
 # mona_bench DEFAULT_ARGS: `mona-dist bench` with BENCH_ARGS (space-separated) or the script's defaults.

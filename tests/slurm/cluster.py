@@ -210,12 +210,14 @@ PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE S
 
 def _start_munged(root: Path) -> int:
     mdir = root / "munge"
-    mdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(mdir, 0o700)
+    mdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(mdir, 0o755)  # munged wants its socket's directory searchable by all; the key itself is 0600
     key = mdir / "munge.key"
     if not key.exists():
         key.write_bytes(os.urandom(1024))
     os.chmod(key, 0o600)
+    # --force: munged wants every directory above its socket searchable by all users, and pytest's temp dirs are
+    # 0700. Every client here is root, so that check would only refuse a working set-up (it stays a warning).
     proc = subprocess.Popen(
         ["munged", "--foreground", "--force", f"--socket={mdir}/munge.socket", f"--key-file={key}",
          f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log", f"--seed-file={mdir}/munged.seed"],

@@ -1,0 +1,110 @@
+"""End to end: `sbatch slurm/<task>_mona.sh` trains on two SLURM nodes, one rank each, and survives a pre-emption
+by requeue + resume. Real everything: cluster, sbatch script, trainer, task, synthetic shards in the real format.
+
+cls runs now; coco waits for its CPU config and task (xfail until they land).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH_FLAGS = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0")
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@dataclass(frozen=True)
+class Case:
+    script: str          # under slurm/
+    config: str          # CPU config the script is pointed at through CONFIG
+    data_task: str       # `mona-dist shards synthetic --task ...`
+    metric: str          # an eval key that must reach metrics.jsonl
+    preempt_steps: int   # long enough that a signal after step 2 lands mid-run
+
+
+CASES = [
+    pytest.param(Case("cls_mona.sh", "configs/cpu/cls.yaml", "cls", "eval/top1", 40), id="cls"),
+    pytest.param(Case("coco_mona.sh", "configs/cpu/coco.yaml", "coco", "eval/bbox_AP", 30), id="coco",
+                 marks=pytest.mark.xfail(strict=False, reason="needs trainer + coco task (issues 4, 7)")),
+]
+
+
+def _shards(root: Path, task: str) -> Path:
+    """A tiny synthetic data set in the task's real format, converted to shards (`mona-dist shards synthetic`)."""
+    out = root / task
+    if not (out / "shards" / "val.index.json").exists():
+        subprocess.run([sys.executable, "-m", "mona_dist.cli", "shards", "synthetic", "--task", task, "--out",
+                        str(out), "--num-train", "32", "--num-val", "8", "--size", "64", "--no-progress"],
+                       cwd=REPO, check=True, capture_output=True, text=True)
+    return out / "shards"
+
+
+def _env(case: Case, job_env: dict, tmp_path: Path, run_dir: Path, max_steps: int) -> dict:
+    shards = _shards(tmp_path, case.data_task)
+    overrides = [f"data.train_shards={shards / 'train.index.json'}", f"data.val_shards={shards / 'val.index.json'}",
+                 f"train.max_steps={max_steps}", "train.log_interval=1", "monitor.progress_bar=false"]
+    return job_env | {"CONFIG": case.config, "RUN_DIR": str(run_dir), "SET": " ".join(overrides)}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _check_finished_run(case: Case, run_dir: Path, max_steps: int) -> list[int]:
+    """Asserts a complete 2-rank run in run_dir; returns the logged training steps in file order."""
+    records = _records(run_dir)
+    steps = [r for r in records if "loss" in r]
+    assert steps and steps[-1]["step"] == max_steps
+    # samples_per_s_rank has one entry per rank of the process group: both ranks joined one group of two.
+    assert all(len(r["samples_per_s_rank"]) == 2 for r in steps)
+    assert json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())["world_size"] == 2
+    evals = [r for r in records if case.metric in r]
+    assert evals and evals[-1]["step"] == max_steps and math.isfinite(evals[-1][case.metric])
+    assert list((run_dir / "tb").rglob("events.out.tfevents.*"))
+    return [r["step"] for r in steps]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sbatch_script_trains_on_two_nodes(case, slurm_cluster, job_env, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job_id, rc = slurm_cluster.sbatch_wait(REPO / "slurm" / case.script, *SBATCH_FLAGS, f"--output={out}",
+                                           env=_env(case, job_env, tmp_path, run_dir, 4), cwd=REPO, timeout=900)
+    log = out.read_text()
+    assert rc == 0, log
+    assert "nodes=node[1-2] ntasks=2 restart=0" in log
+    assert _check_finished_run(case, run_dir, 4) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sbatch_script_preempted_requeues_and_resumes(case, slurm_cluster, job_env, tmp_path):
+    run_dir, out, max_steps = tmp_path / "run", tmp_path / "job.out", case.preempt_steps
+    name = f"preempt-{tmp_path.name}"
+    env = _env(case, job_env, tmp_path, run_dir, max_steps)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(slurm_cluster.sbatch_wait, REPO / "slurm" / case.script, *SBATCH_FLAGS,
+                          f"--job-name={name}", f"--output={out}", env=env, cwd=REPO, timeout=1200)
+        while len([r for r in _records(run_dir) if "loss" in r]) < 2:  # mid-run: some steps done, most to go
+            assert not fut.done(), out.read_text() if out.exists() else "job ended before training started"
+            time.sleep(0.2)
+        slurm_cluster.run("scancel", "--signal=USR1", f"--name={name}")  # what --signal=USR1@120 sends
+        job_id, rc = fut.result()
+    log = out.read_text()
+    assert rc == 0, log
+    saved = re.search(r"pre-empted: checkpoint \S+ saved at step (\d+); exiting 75", log)
+    assert saved and int(saved.group(1)) < max_steps, log
+    assert re.search(rf"resumed from \S+ at step {saved.group(1)}\b", log), log
+    assert "restart=1" in log and slurm_cluster.job_fields(job_id)["Restarts"] == "1"
+    # One metrics file across both runs: every step once, in order, the requeued run continuing where it stopped.
+    assert _check_finished_run(case, run_dir, max_steps) == list(range(1, max_steps + 1))
