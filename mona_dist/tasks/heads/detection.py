@@ -1,0 +1,107 @@
+"""torchvision detectors fed by mona_dist's detection pipeline, with results mapped back to the original image.
+
+The pipeline (mona_dist.data) already resizes, pads nothing and normalises each image, and its targets are in the
+resized image's pixels. torchvision's `GeneralizedRCNNTransform` would normalise and resize again, and its
+postprocess maps results back to the size the *model* was given. `PrenormalizedTransform` keeps only what is still
+needed (batching with padding to `size_divisible`) and hands postprocessing to `Detector`, which knows each
+image's `orig_size` and maps boxes and masks to it with torchvision's own postprocess (masks are pasted directly
+at the original resolution, as mmdet does with `rescale=True`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+
+class PrenormalizedTransform(GeneralizedRCNNTransform):
+    """GeneralizedRCNNTransform for images that arrive resized and normalised: only batches (pads to /32).
+
+    Overriding `normalize` and `resize` is the clean no-op: mean 0 / std 1 alone would still do the arithmetic,
+    and there is no min_size/max_size setting that leaves every size unchanged. `postprocess` is deferred to
+    `to_original`, called with the true original sizes.
+    """
+
+    def __init__(self, size_divisible: int = 32):
+        super().__init__(min_size=1, max_size=1, image_mean=[0.0] * 3, image_std=[1.0] * 3, size_divisible=size_divisible)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"detection images must be float (normalised by the data pipeline), got {image.dtype}")
+        return image
+
+    def resize(self, image, target=None):
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        return result
+
+    def to_original(self, result, image_shapes, original_sizes):
+        """Boxes rescaled and masks pasted from the model's input sizes to `original_sizes` ((H0, W0) each)."""
+        training, self.training = self.training, False
+        try:
+            return super().postprocess(result, image_shapes, original_sizes)
+        finally:
+            self.training = training
+
+
+class Detector(nn.Module):
+    """A torchvision detector behind the mona_dist batch contract.
+
+    train mode: `model(batch)` -> {"loss": total, <each torchvision loss>}.
+    eval mode:  `model(batch)` -> one dict per image (boxes xyxy, scores, labels, [masks (N,1,H0,W0) probs]) in
+    the image's original pixels.
+    """
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        if not isinstance(detector.transform, PrenormalizedTransform):
+            detector.transform = PrenormalizedTransform()
+        self.detector = detector
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The mona_dist Backbone (inside the FPN wrapper)."""
+        return self.detector.backbone.body
+
+    def forward(self, batch: dict) -> dict | list[dict]:
+        images, targets = batch["images"], batch.get("targets")
+        if self.training:
+            losses = self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"], **_masks(t)} for t in targets])
+            return {"loss": sum(losses.values()), **losses}
+        detections = self.detector(images)
+        sizes = [tuple(img.shape[-2:]) for img in images]
+        orig = sizes if targets is None else [tuple(int(v) for v in t["orig_size"]) for t in targets]
+        return self.detector.transform.to_original(detections, sizes, orig)
+
+
+def _masks(target: dict) -> dict:
+    return {"masks": target["masks"]} if "masks" in target else {}
+
+
+def predict_dataset(model: nn.Module, loader) -> Iterator[tuple[dict, dict, tuple[int, int]]]:
+    """(target, prediction in original pixels, model input size) per image of this rank's share, in eval mode."""
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                images = [img.to(param.device, param.dtype) for img in batch["images"]]
+                preds = model({"images": images, "targets": batch["targets"]})
+                yield from zip(batch["targets"], preds, [tuple(img.shape[-2:]) for img in images])
+    finally:
+        model.train(was_training)
+
+
+def gather_to_main(items: list) -> list | None:
+    """Concatenate every rank's `items` on rank 0 (None elsewhere); the list itself when not distributed."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
+        return items
+    parts = [None] * torch_dist.get_world_size() if torch_dist.get_rank() == 0 else None
+    torch_dist.gather_object(items, parts, dst=0)
+    return None if parts is None else [x for part in parts for x in part]
