@@ -20,6 +20,9 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mona-dist", description=__doc__.splitlines()[0])
+    # `deepspeed --module mona_dist.cli ...` passes --local_rank=N before the sub-command (and
+    # `deepspeed launch/train.py` after it); ranks come from mona_dist.distributed, so it is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

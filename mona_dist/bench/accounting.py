@@ -2,9 +2,8 @@
 
 - `saved_activation_bytes`: every tensor autograd keeps for backward during a forward, via
   `torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters excluded (they are model state).
-- `model_state_bytes`: parameters + gradients + optimizer state held by *this rank*: every distinct tensor storage
-  reachable from the parameters (ZeRO-3 keeps the rank's shard in `p.ds_tensor`) and from the optimizer object
-  (torch's `state`, DeepSpeed's flat fp32 partitions, their gradients and its bucket buffers alike).
+- `model_state_bytes`: parameters + gradients + optimizer state held by *this rank* (the ZeRO paper's "model
+  state"): read from the tensors themselves, so ZeRO sharding and fp32 master copies show as they really are.
 - `zero_model_state_estimate`: the ZeRO paper's arithmetic for the same quantity, printed beside the measurement.
 - `PeakMemory`: CUDA `max_memory_allocated` since a reset on GPU; on CPU the process's peak RSS (VmHWM), reset
   through /proc/self/clear_refs, both relative to what was allocated before the measured step.
@@ -65,42 +64,30 @@ def saved_activation_bytes(
     return sum(seen.values()), out
 
 
-def _tensors_in(obj: Any, depth: int = 0, visited: set[int] | None = None) -> Iterable[torch.Tensor]:
-    """Every tensor reachable from obj through dicts, lists, tuples and object attributes (bounded depth)."""
-    visited = set() if visited is None else visited
-    if id(obj) in visited or depth > 6:
-        return
-    visited.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield obj
-        if obj.grad is not None:
-            yield obj.grad
-        ds = getattr(obj, "ds_tensor", None)
-        if isinstance(ds, torch.Tensor):
-            yield ds
-        return
-    if isinstance(obj, nn.Module):
-        return  # modules are reached through their parameters, not through the optimizer's back-references
-    if isinstance(obj, dict):
-        items = obj.values()
-    elif isinstance(obj, (list, tuple, set)):
-        items = obj
-    elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("torch", "deepspeed", "fairscale"):
-        items = vars(obj).values()
-    else:
-        return
-    for item in items:
-        yield from _tensors_in(item, depth + 1, visited)
+def _base_optimizer(opt: Any) -> Any:
+    """The torch optimizer at the bottom of wrappers (DeepSpeed's ZeRO/BF16 optimizers, fairscale's OSS)."""
+    for _ in range(4):
+        inner = getattr(opt, "optimizer", None) or getattr(opt, "optim", None)
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    return opt
 
 
 def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]:
-    """{'params', 'grads', 'optimizer', 'total'}: distinct storages this rank holds for the model's state."""
+    """{'params', 'grads', 'optimizer', 'total'}: distinct storages this rank holds for the model's state.
+
+    The ZeRO paper's model state: the model's parameters (this rank's shard under ZeRO-3, `p.ds_tensor`) and their
+    gradients, plus what the innermost torch optimizer holds: its parameters where they are separate tensors (the
+    fp32 master partitions of ZeRO-1/2/3 and of bf16 training), their gradients, and its state (Adam's moments).
+    Communication buckets and other engine buffers are not model state and are not counted.
+    """
     seen: set[tuple[str, int]] = set()
 
-    def take(ts: Iterable[torch.Tensor]) -> int:
+    def take(ts: Iterable[torch.Tensor | None]) -> int:
         total = 0
         for t in ts:
-            if t.numel() == 0:
+            if t is None or t.numel() == 0:
                 continue
             key = _storage_key(t)
             if key not in seen:
@@ -108,13 +95,17 @@ def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]
                 total += _storage_bytes(t)
         return total
 
-    params = list(model.parameters())
-    out = {
-        "params": take([getattr(p, "ds_tensor", None) if p.numel() == 0 else p for p in params
-                        if p.numel() or getattr(p, "ds_tensor", None) is not None]),
-        "grads": take(p.grad for p in params if p.grad is not None),
-        "optimizer": take(_tensors_in(optimizer)) if optimizer is not None else 0,
-    }
+    params = [getattr(p, "ds_tensor", p) if p.numel() == 0 else p for p in model.parameters()]
+    out = {"params": take(params), "grads": take(p.grad for p in model.parameters())}
+    base = _base_optimizer(optimizer) if optimizer is not None else None
+    if isinstance(base, torch.optim.Optimizer):
+        masters = [p for g in base.param_groups for p in g["params"]]
+        state = [t for st in base.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        out["params"] += take(masters)
+        out["grads"] += take(p.grad for p in masters)
+        out["optimizer"] = take(state)
+    else:
+        out["optimizer"] = 0
     out["total"] = out["params"] + out["grads"] + out["optimizer"]
     return out
 

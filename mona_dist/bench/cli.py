@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=bench)
 
 

@@ -60,7 +60,7 @@ def test_outputs_are_written_and_well_formed(rows, tmp_path):
 def test_two_rank_zero3_holds_less_model_state_per_rank_than_zero0(tmp_path):
     def run(zero: int) -> dict:
         out = tmp_path / f"z{zero}"
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29611 + zero), "-m", "mona_dist.cli", "bench",
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29611 + zero), "--module", "mona_dist.cli", "bench",
                "--backbone", "swin_nano_patch4_window7", "--methods", "full,e3va", "--engine", "deepspeed",
                "--zero", str(zero), "--batch-size", "1", "--img-size", "64", "--steps", "1", "--warmup", "1",
                "--device", "cpu", "--out", str(out)]
