@@ -192,6 +192,7 @@ def detect(env: Mapping[str, str] | None = None) -> DistState:
 
 
 _STATE: DistState | None = None
+_PREVIOUS_ENV: dict[str, str | None] = {}  # what init_distributed overwrote, for shutdown() to put back
 
 
 def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistState:
@@ -207,7 +208,9 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistS
     import torch.distributed as torch_dist
 
     state = detect()
-    os.environ.update(state.env())
+    exported = state.env()
+    _PREVIOUS_ENV.update({k: os.environ.get(k) for k in exported})
+    os.environ.update(exported)
     if torch.cuda.is_available():
         torch.cuda.set_device(_cuda_index(state.local_rank, torch.cuda.device_count()))
     if state.distributed and not torch_dist.is_initialized():
@@ -233,12 +236,18 @@ def get_state() -> DistState:
 
 
 def shutdown() -> None:
-    """Leave the process group (if any) and forget the cached state; the end of a run or a test."""
+    """Leave the process group (if any), undo init_distributed's exports, forget the state: end of a run or test."""
     global _STATE
     import torch.distributed as torch_dist
 
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+    for key, value in _PREVIOUS_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _PREVIOUS_ENV.clear()
     _STATE = None
 
 

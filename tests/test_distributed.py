@@ -168,6 +168,9 @@ def test_init_single_process_exports_env_and_helpers_are_identities(clean_rank_e
     distributed.barrier()
     assert distributed.all_reduce_max(3.5) == 3.5
     assert distributed.gather_object({"a": 1}) == [{"a": 1}]
+    distributed.shutdown()
+    assert not any(k in os.environ for k in RANK_VARS)  # exports undone: a later detect() sees the original env
+    assert distributed.get_state().launcher == "single"
 
 
 # Runs in each of two processes that see nothing but SLURM-style variables.
@@ -181,8 +184,10 @@ td.all_reduce(t)
 out = {
     "state": state.__dict__, "sum": t.item(), "pg_world": td.get_world_size(), "pg_rank": td.get_rank(),
     "backend": td.get_backend(), "max_int": d.all_reduce_max(10 * state.rank),
-    "max_float": d.all_reduce_max(0.5 + state.rank), "max_tensor": d.all_reduce_max(torch.tensor([state.rank, -state.rank])).tolist(),
-    "gathered": d.gather_object({"rank": state.rank}), "env": {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+    "max_float": d.all_reduce_max(0.5 + state.rank),
+    "max_tensor": d.all_reduce_max(torch.tensor([state.rank, -state.rank])).tolist(),
+    "gathered": d.gather_object({"rank": state.rank}),
+    "env": {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
 }
 d.barrier()
 d.shutdown()

@@ -1,5 +1,6 @@
-"""End to end: `sbatch slurm/<task>_mona.sh` trains on two SLURM nodes, one rank each, and survives a pre-emption
-by requeue + resume. Real everything: cluster, sbatch script, trainer, task, synthetic shards in the real format.
+"""End to end, the slurm/*.sh scripts unmodified on the local cluster (2 CPU nodes, one rank each):
+`<task>_mona.sh` trains and survives a pre-emption by requeue + resume; `bench_e3va.sh` benchmarks on both ranks.
+Real everything: cluster, sbatch script, trainer/bench, task, synthetic shards in the real format.
 
 cls runs now; coco waits for its CPU config and task (xfail until they land).
 """
@@ -108,3 +109,15 @@ def test_sbatch_script_preempted_requeues_and_resumes(case, slurm_cluster, job_e
     assert "restart=1" in log and slurm_cluster.job_fields(job_id)["Restarts"] == "1"
     # One metrics file across both runs: every step once, in order, the requeued run continuing where it stopped.
     assert _check_finished_run(case, run_dir, max_steps) == list(range(1, max_steps + 1))
+
+
+def test_bench_script_runs_on_two_nodes(slurm_cluster, job_env, tmp_path):
+    run_dir, out = tmp_path / "bench", tmp_path / "job.out"
+    env = job_env | {"RUN_DIR": str(run_dir), "BENCH_ARGS": "--backbone swin_nano_patch4_window7 --methods mona,e3va "
+                     "--task cls --img-size 64 --batch-size 2 --steps 2 --warmup 1"}
+    job_id, rc = slurm_cluster.sbatch_wait(REPO / "slurm" / "bench_e3va.sh", *SBATCH_FLAGS, f"--output={out}",
+                                           env=env, cwd=REPO, timeout=900)
+    assert rc == 0, out.read_text()
+    assert json.loads((run_dir / "bench_meta.json").read_text())["world_size"] == 2
+    rows = json.loads((run_dir / "bench.json").read_text())
+    assert [r["method"] for r in rows] == ["mona", "e3va"] and all(r["peak_mem_bytes"] > 0 for r in rows)
