@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +76,15 @@ class Monitor:
         if self.bar is not None:
             self.bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
-    def message(self, text: str) -> None:
-        """A line for the user that does not break the progress bar."""
+    def message(self, text: str, error: bool = False) -> None:
+        """A line for the user (stderr when `error`) that does not break the progress bar."""
         if not self.enabled:
             return
+        stream = sys.stderr if error else sys.stdout
         if self.bar is not None:
-            self.bar.write(text)
+            self.bar.write(text, file=stream)
         else:
-            print(text, flush=True)
+            print(text, file=stream, flush=True)
 
     def _write(self, step: int, record: dict[str, Any]) -> None:
         if self.jsonl is not None:

@@ -42,14 +42,32 @@ def join_group(dist: DistState, cfg: Config) -> None:
 
 
 def endless(loader: Any) -> Iterator[Any]:
-    """Batches forever; the loader moves to its next epoch by itself and keeps its position for checkpoints."""
-    while True:
-        empty = True
+    """Batches forever; the loader moves to its next epoch by itself and keeps its position for checkpoints.
+
+    One empty pass is normal (a checkpoint taken right after an epoch's last batch resumes at that epoch's end);
+    two in a row mean the data set yields nothing.
+    """
+    empty_passes = 0
+    while empty_passes < 2:
+        empty_passes += 1
         for batch in loader:
-            empty = False
+            empty_passes = 0
             yield batch
-        if empty:
-            raise ValueError("the training loader yielded no batch (data.train_shards empty or batch too large?)")
+    raise ValueError("the training loader yielded no batch (data.train_shards empty or batch too large?)")
+
+
+def next_batch(batches: Iterator[Any]) -> Any:
+    """The next batch, leaving the trainer's torch RNG as it was.
+
+    torch's DataLoader draws a base seed from the global generator each time an iterator is created (epoch starts,
+    and the first batch after a resume). Without this guard a resumed run would shift every later dropout mask
+    and lose bitwise equality with the uninterrupted run.
+    """
+    state = torch.get_rng_state()
+    try:
+        return next(batches)
+    finally:
+        torch.set_rng_state(state)
 
 
 def agree(loss: torch.Tensor, preempt: bool, device: torch.device) -> tuple[float, bool, bool]:
@@ -122,7 +140,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
                 losses, bad, stop = [], False, False
                 for micro in range(accum):
                     meter.data_start()
-                    batch = next(batches)
+                    batch = next_batch(batches)
                     meter.data_end(task.batch_size(batch))
                     if bad:
                         continue  # keep consuming the step's batches so the data position stays aligned
@@ -135,8 +153,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
                             losses.append(mean)
                 if bad and cfg.train.nan_policy == "stop":
                     where = save(step)
-                    monitor.message(f"error: non-finite loss at step {step + 1}; stopped. Last good state saved "
-                                    f"to {where} (nan_policy=skip would skip such steps)")
+                    monitor.message(f"error: non-finite loss at step {step + 1}; stopped. The state before that step "
+                                    f"is saved in {where} (train.nan_policy=skip skips such steps)", error=True)
                     return EX_NONFINITE
                 if bad:
                     engine.discard_step()

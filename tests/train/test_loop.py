@@ -1,0 +1,167 @@
+"""The loop in one process (ddp engine, no wrapper): outputs, resume, NaN policies, bad checkpoints, atomic latest."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from mona_dist.adapters import load_adapter
+from mona_dist.config import load_config
+from mona_dist.tasks import TASKS
+from mona_dist.train import EX_NONFINITE, train
+from mona_dist.train import checkpoint as ckpt_mod
+
+REQUIRED = {"step", "loss", "lr", "grad_norm", "samples_per_s", "mem_bytes", "samples_per_s_rank", "data_wait_s",
+            "skipped_samples"}
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    """Last loss logged for each step (a resumed run re-logs the steps after its checkpoint)."""
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+
+
+def run(path: Path, *overrides: str, resume: str | None = None) -> int:
+    return train(load_config(path, list(overrides)), resume=resume)
+
+
+def test_run_writes_metrics_tensorboard_config_checkpoints_and_adapter(tmp_path, cls_shards):
+    path = tiny_config(tmp_path, cls_shards)
+    assert run(path) == 0
+    out = tmp_path / "run"
+    recs = records(out)
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(REQUIRED <= r.keys() for r in steps)
+    assert all(r["mem_bytes"] > 0 and r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in steps)
+    assert steps[0]["lr"] < steps[-1]["lr"] or steps[0]["lr"] != steps[-1]["lr"]  # the schedule moves
+    evals = [r for r in recs if "eval/top1" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 6 and evals[0]["eval/samples"] == 16
+    assert 0.0 <= evals[0]["eval/top1"] <= evals[0]["eval/top5"] <= 1.0
+    static = next(r for r in recs if "model/params_trainable" in r)
+    assert 0 < static["model/params_trainable"] < static["model/params_total"]
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 6
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000004", "step-000006"]  # keep_last=2
+    assert os.readlink(root / "latest") == "step-000006"
+    cfg = load_config(path)
+    model = TASKS.get("cls").build_model(cfg)
+    meta = load_adapter(model, root / "latest" / "adapter.safetensors")
+    assert meta["step"] == "6"
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, cls_shards):
+    # A constant schedule after warm-up, so that stopping at max_steps=4 leaves the lr of steps 5-6 unchanged.
+    sched = {"kind": "constant", "warmup_iters": 2}
+    full = tiny_config(tmp_path / "a", cls_shards, schedule=sched)
+    part = tiny_config(tmp_path / "b", cls_shards, schedule=sched)
+    assert run(full) == 0
+    assert run(part, "train.max_steps=4") == 0
+    assert run(part, resume="latest") == 0  # back to max_steps=6 from step 4
+    assert step_losses(tmp_path / "b" / "run") == step_losses(tmp_path / "a" / "run")  # bitwise
+
+
+def test_nan_loss_stops_after_saving(tmp_path, cls_shards, capsys):
+    """An absurd lr makes the second step's loss non-finite for real (weights ~1e30 overflow)."""
+    path = tiny_config(tmp_path, cls_shards, optim={"lr": 1e30}, schedule={"warmup_iters": 0})
+    assert run(path) == EX_NONFINITE
+    root = tmp_path / "run" / "checkpoints"
+    assert os.readlink(root / "latest") == "step-000001"
+    assert (root / "step-000001" / "meta.json").is_file()
+    assert "non-finite loss at step 2; stopped" in capsys.readouterr().err
+
+
+def test_nan_loss_is_skipped_with_skip_policy(tmp_path, cls_shards):
+    path = tiny_config(tmp_path, cls_shards, optim={"lr": 1e30}, schedule={"warmup_iters": 0},
+                       train={"nan_policy": "skip", "max_steps": 4, "eval_at_end": False})
+    assert run(path) == 0
+    steps = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[0]["loss"] != "nan" and all(r["loss"] == "nan" for r in steps[1:])
+    assert steps[-1]["skipped_steps"] == 3
+    root = tmp_path / "run" / "checkpoints"
+    a = ckpt_mod.safe_torch_load(root / "step-000002" / "engine.pt")["model"]
+    b = ckpt_mod.safe_torch_load(root / "step-000004" / "engine.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # skipped steps leave the weights alone
+
+
+def test_resume_modes(tmp_path, cls_shards):
+    path = tiny_config(tmp_path, cls_shards, train={"max_steps": 2, "eval_at_end": False})
+    with pytest.raises(FileNotFoundError, match="--resume latest: no checkpoint at .*checkpoints/latest"):
+        run(path, resume="latest")
+    assert run(path, resume="auto") == 0  # nothing there: a fresh run
+    assert run(path, "train.max_steps=3", resume="auto") == 0  # now resumes from step 2
+    assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+
+
+def test_resume_refuses_another_engine(tmp_path, cls_shards):
+    path = tiny_config(tmp_path, cls_shards, train={"max_steps": 2, "eval_at_end": False})
+    assert run(path) == 0
+    with pytest.raises(ValueError, match="has engine='ddp'; this run has 'deepspeed'"):
+        run(path, "engine.name=deepspeed", "train.max_steps=3", resume="latest")
+
+
+@pytest.mark.parametrize("target", ["engine.pt", "rank-00000.pt"])
+def test_truncated_checkpoint_is_a_one_line_error(tmp_path, cls_shards, target):
+    path = tiny_config(tmp_path, cls_shards, train={"max_steps": 2, "eval_at_end": False})
+    assert run(path) == 0
+    f = tmp_path / "run" / "checkpoints" / "latest" / target
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"truncated or not a torch file") as info:
+        run(path, "train.max_steps=3", resume="latest")
+    assert "\n" not in str(info.value)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_checkpoint_cannot_run_code(tmp_path, cls_shards, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tiny_config(tmp_path, cls_shards, train={"max_steps": 2, "eval_at_end": False})
+    assert run(path) == 0
+    engine_pt = tmp_path / "run" / "checkpoints" / "latest" / "engine.pt"
+    torch.save({"model": _Exploit(), "optimizer": {}}, engine_pt)
+    with pytest.raises(ValueError, match="not plain tensors/containers"):
+        run(path, "train.max_steps=3", resume="latest")
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+
+
+def test_foreign_directory_is_rejected(tmp_path, cls_shards):
+    path = tiny_config(tmp_path, cls_shards)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ValueError, match="not a complete mona-dist checkpoint \\(meta.json missing\\)"):
+        run(path, resume=str(tmp_path / "elsewhere"))
+
+
+def test_kill_during_save_never_breaks_latest(tmp_path, cls_shards, monkeypatch):
+    """Die at the worst instant (step dir written, not yet renamed): `latest` still names a complete checkpoint,
+    a resume works from it, and the next save clears the leftover."""
+    path = tiny_config(tmp_path, cls_shards, train={"max_steps": 4, "eval_at_end": False})
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if str(src).endswith(".step-000004.partial"):
+            raise KeyboardInterrupt("killed mid-save")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        run(path)
+    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+    root = tmp_path / "run" / "checkpoints"
+    assert os.readlink(root / "latest") == "step-000002" and (root / "latest" / "meta.json").is_file()
+    assert (root / ".step-000004.partial").is_dir()
+    assert run(path, resume="latest") == 0
+    assert os.readlink(root / "latest") == "step-000004" and not (root / ".step-000004.partial").exists()
