@@ -42,7 +42,8 @@ def bench(args: argparse.Namespace) -> int:
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
     dist = init_distributed()
-    device = torch.device("cuda", dist.local_rank) if device_kind == "cuda" else torch.device("cpu")
+    # init_distributed picked this rank's GPU; with one visible GPU per task that is cuda:0, not cuda:local_rank.
+    device = torch.device("cuda", torch.cuda.current_device()) if device_kind == "cuda" else torch.device("cpu")
     spec = BenchSpec(
         backbone=args.backbone, methods=[m for m in args.methods.split(",") if m], task=args.task,
         batch_size=args.batch_size, img_size=args.img_size, steps=args.steps, warmup=args.warmup,
