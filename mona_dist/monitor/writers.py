@@ -48,7 +48,12 @@ class Monitor:
 
             self.tb = SummaryWriter(str(out / "tb"))
         if cfg.jsonl:
-            self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)  # a resumed run appends
+            path = out / "metrics.jsonl"
+            # A resumed run appends; a run killed mid-line leaves a partial record, which must not swallow ours.
+            partial = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+            self.jsonl = open(path, "a", buffering=1)
+            if partial:
+                self.jsonl.write("\n")
         if cfg.progress_bar:
             from tqdm import tqdm
 

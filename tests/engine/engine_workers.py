@@ -75,3 +75,47 @@ def run_variants(rank: int, world_size: int, port: int, variants: list[dict], ou
         }
     write_result(Path(out), rank, results)
     tdist.destroy_process_group()
+
+
+def run_swin_mona(rank: int, world_size: int, port: int, variants: list[dict], out: str) -> None:
+    """The real model: a tiny Swin with Mona + linear head fits a fixed batch under each engine."""
+    from mona_dist.adapters.io import clean_name
+    from mona_dist.models import build_backbone
+    from mona_dist.tasks.cls import Classifier, ClsHeadOptions
+
+    init_group(rank, world_size, port)
+    g = torch.Generator().manual_seed(rank)
+    batch = {"images": torch.randn(4, 3, 32, 32, generator=g), "labels": torch.randint(0, 4, (4,), generator=g)}
+    results = {}
+    for spec in variants:
+        cfg = EngineConfig(**spec)
+        torch.manual_seed(0)
+        model = Classifier(build_backbone("swin_nano_patch4_window7", "mona"), 4, ClsHeadOptions())
+        frozen0, trainable0 = frozen_and_trainable(model)
+        engine = build_engine(model, cfg, OptimConfig(lr=3e-3, weight_decay=0.0), micro_batch_size=4,
+                              world_size=world_size)
+        losses = []
+        for _ in range(10):
+            loss = engine(batch)["loss"]
+            engine.backward(loss)
+            engine.step()
+            t = loss.detach().float().reshape(1)
+            tdist.all_reduce(t)
+            losses.append(t.item() / world_size)
+        if cfg.zero_stage == 3:  # frozen weights are partitioned too: gather everything to compare
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                frozen1, trainable1 = frozen_and_trainable(model)
+        else:
+            frozen1, trainable1 = frozen_and_trainable(model)
+        frozen1, trainable1 = ({clean_name(k): v for k, v in d.items()} for d in (frozen1, trainable1))
+        results[f"{cfg.name}{cfg.zero_stage}"] = {
+            "losses": losses,
+            "frozen_same": all(torch.equal(frozen0[k], frozen1[k]) for k in frozen0),
+            "mona_changed": all(not torch.equal(trainable0[k], trainable1[k]) for k in trainable0
+                                if k.endswith(("project1.weight", "project2.weight"))),
+            "n_trainable": len(trainable0),
+        }
+    write_result(Path(out), rank, results)
+    tdist.destroy_process_group()

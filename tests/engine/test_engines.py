@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine_workers import run_variants
+from engine_workers import run_swin_mona, run_variants
 from toy import free_port
 
 VARIANTS = [
@@ -67,3 +67,31 @@ def test_sharded_engines_match_ddp(results, key):
 def test_grad_accum_agrees_across_engines(results):
     """Two micro-batches per step: DDP (no_sync on the first) and DeepSpeed's own accumulation agree."""
     assert results["ddp0fp32a2"]["losses"] == pytest.approx(results["deepspeed2fp32a2"]["losses"], rel=1e-4, abs=1e-5)
+
+
+SWIN_VARIANTS = [
+    {"name": "ddp"},
+    {"name": "fairscale", "zero_stage": 1},
+    {"name": "fairscale", "zero_stage": 2},
+    {"name": "deepspeed", "zero_stage": 1},
+    {"name": "deepspeed", "zero_stage": 2, "activation_checkpointing": True},
+    {"name": "deepspeed", "zero_stage": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def swin_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("swin") / "results.pt"
+    mp.spawn(run_swin_mona, args=(2, free_port(), SWIN_VARIANTS, str(out)), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["ddp0", "fairscale1", "fairscale2", "deepspeed1", "deepspeed2", "deepspeed3"])
+def test_swin_mona_trains_under_every_engine(swin_results, key):
+    r = swin_results[key]
+    assert r["losses"][-1] < 0.5 * r["losses"][0], r["losses"]
+    assert r["frozen_same"], "a frozen Swin weight changed"
+    assert r["mona_changed"] and r["n_trainable"] > 100
+    # Same model, same data, fp32: every engine follows DDP's trajectory.
+    assert r["losses"] == pytest.approx(swin_results["ddp0"]["losses"], rel=1e-3, abs=1e-4)
