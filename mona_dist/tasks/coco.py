@@ -19,19 +19,30 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from pydantic import BaseModel, ConfigDict, Field
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..models import build_backbone
+from .base import Task, register_task
+from .heads import class_count
 from .heads.detection import Detector, gather_to_main, predict_dataset
 from .heads.fpn import FPNBackbone
 
 
 class CocoHeadOptions(BaseModel):
-    """`model.head` of a coco config; everything else is torchvision's Mask R-CNN default."""
+    """`model.head` of a coco config. Defaults are torchvision's Mask R-CNN (the widths shrink for CPU runs)."""
 
     model_config = ConfigDict(extra="forbid")
 
     fpn_channels: int = Field(256, gt=0)
+    anchor_base: int = Field(32, gt=0)  # RPN anchor size on P2, doubling per level, aspect ratios 0.5/1/2
+    representation_size: int = Field(1024, gt=0)  # box head MLP width
+    mask_channels: int = Field(256, gt=0)  # mask head conv width
+    rpn_post_nms_train: int = Field(2000, gt=0)  # proposals kept per image
+    rpn_post_nms_test: int = Field(1000, gt=0)
+    box_batch_size_per_image: int = Field(512, gt=0)  # sampled RoIs per image for the box loss
     score_thresh: float = Field(0.05, ge=0.0, le=1.0)  # as mmdet's test_cfg
     detections_per_img: int = Field(100, gt=0)
     mask_thresh: float = Field(0.5, gt=0.0, lt=1.0)  # binarises pasted mask probabilities for RLE
@@ -49,14 +60,23 @@ def build_mask_rcnn(
     body = build_backbone(backbone, method, **backbone_kwargs)
     if len(body.out_channels) != 4:
         raise ValueError(f"Mask R-CNN's FPN needs 4 backbone outputs, {backbone} gives {len(body.out_channels)}")
-    fpn = FPNBackbone(body, levels=(0, 1, 2, 3), out_channels=head.fpn_channels, extra=LastLevelMaxPool())
+    c = head.fpn_channels
+    fpn = FPNBackbone(body, levels=(0, 1, 2, 3), out_channels=c, extra=LastLevelMaxPool())
     model = MaskRCNN(
         fpn,
-        num_classes=num_classes + 1,
+        num_classes=None,  # given by the predictors below
+        rpn_anchor_generator=AnchorGenerator(tuple((head.anchor_base * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5),
+        rpn_post_nms_top_n_train=head.rpn_post_nms_train,
+        rpn_post_nms_top_n_test=head.rpn_post_nms_test,
+        box_batch_size_per_image=head.box_batch_size_per_image,
+        box_head=TwoMLPHead(c * 7 * 7, head.representation_size),
+        box_predictor=FastRCNNPredictor(head.representation_size, num_classes + 1),
+        mask_head=MaskRCNNHeads(c, [head.mask_channels] * 4, dilation=1),
+        mask_predictor=MaskRCNNPredictor(head.mask_channels, head.mask_channels, num_classes + 1),
         box_score_thresh=head.score_thresh,
         box_detections_per_img=head.detections_per_img,
     )
-    return Detector(model)
+    return Detector(model, mask_thresh=head.mask_thresh)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
@@ -131,12 +151,58 @@ def coco_metrics(gt: COCO | dict, results: list[dict], iou_types: tuple[str, ...
 
 
 @torch.no_grad()
-def evaluate_coco(model: torch.nn.Module, loader, gt: COCO | dict, category_ids: list[int], mask_thresh: float = 0.5):
-    """Every rank predicts its share; rank 0 gathers all results and runs COCOeval (other ranks return {})."""
+def evaluate_coco(
+    model,
+    loader,
+    gt: COCO | dict | None,
+    category_ids: list[int],
+    mask_thresh: float = 0.5,
+    iou_types: tuple[str, ...] = ("bbox", "segm"),
+) -> dict[str, float]:
+    """Every rank predicts its share; rank 0 gathers all results and runs COCOeval (other ranks return {}).
+
+    `gt` is only read on rank 0; pass None to have rank 0 rebuild it from `loader.shards` (the val shards).
+    """
     mine = [
         rec
         for target, pred, _ in predict_dataset(model, loader)
         for rec in to_coco_results(pred, int(target["image_id"]), category_ids, mask_thresh)
     ]
     gathered = gather_to_main(mine)
-    return {} if gathered is None else coco_metrics(gt, gathered)
+    if gathered is None:
+        return {}
+    if gt is None:
+        gt = coco_ground_truth(loader.shards.urls, loader.shards.classes)
+    return coco_metrics(gt, gathered, iou_types)
+
+
+def _unwrap(model) -> Detector:
+    while not isinstance(model, Detector) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@register_task("coco")
+class CocoTask(Task):
+    """COCO instance segmentation; `model.num_classes` defaults to the train shards' class list."""
+
+    head_options = CocoHeadOptions
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        class_count(cfg)
+
+    def build_model(self, cfg) -> Detector:
+        m = cfg.model
+        return build_mask_rcnn(
+            m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
+            drop_path_rate=m.drop_path_rate, out_indices=tuple(m.out_indices) if m.out_indices else None,
+            **m.method_options,
+        )
+
+    def evaluate(self, model, loader, dist) -> dict[str, float]:
+        categories = loader.shards.classes
+        if not categories:
+            raise ValueError(f"{loader.shards.spec}: the val shards' index has no COCO category list")
+        thresh = getattr(_unwrap(model), "mask_thresh", 0.5)
+        return evaluate_coco(model, loader, None, [c["id"] for c in categories], thresh)

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import ConfigDict
 from mmengine.logging import MMLogger
 from pydantic import BaseModel, ConfigDict as PydanticConfig, Field
+import torch.nn.functional as F
 from torch import nn
 
 from ..models import BACKBONES, build_backbone
 from . import mmseg_compat
+from .base import Task, register_task
+from .heads import class_count
 from .heads.pyramid import needs_pyramid
 
 
@@ -117,8 +120,10 @@ def segmentor_config(
 class SegModel(nn.Module):
     """mmseg `EncoderDecoder` behind the mona_dist batch contract.
 
-    train mode: `model({"images", "masks"})` -> {"loss", "decode_loss_ce", "aux_loss_ce", "decode_acc_seg"}.
-    eval mode:  `model({"images", ...})` -> predicted labels (B, H, W) int64 at the image size.
+    train mode: `model({"images", "masks"})` -> {"loss", "decode_loss_ce", "aux_loss_ce", "decode_acc_seg", ...}.
+    eval mode:  `model({"images", ...})` -> predicted labels (B, H, W) int64 at the input size; with the eval
+    pipeline's "img_sizes" and "orig_size", a list of (H0, W0) label maps at the original size instead (logits
+    cropped to the unpadded image, resized bilinearly, then argmax: mmseg's `postprocess_result`).
     """
 
     def __init__(self, net: nn.Module, ignore_index: int = 255):
@@ -126,22 +131,35 @@ class SegModel(nn.Module):
         self.net = net
         self.num_classes = net.num_classes
         self.ignore_index = ignore_index
+        self.size_divisor = 32
 
     @property
     def backbone(self) -> nn.Module:
         """The mona_dist Backbone."""
         return self.net.backbone.body
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor] | torch.Tensor:
-        from mmengine.structures import PixelData
-        from mmseg.structures import SegDataSample
-
-        images = batch["images"]
+    def forward(self, batch: dict) -> dict[str, torch.Tensor] | torch.Tensor | list[torch.Tensor]:
+        h0, w0 = batch["images"].shape[-2:]
+        # Pad to /32 (mmseg's SegDataPreProcessor size_divisor): the trunk needs sizes divisible by its patch and
+        # every stage of a 4-level pyramid; padding is cut off the logits again below.
+        pad = (0, -w0 % self.size_divisor, 0, -h0 % self.size_divisor)
+        images = F.pad(batch["images"], pad, value=0.0)
         shape = tuple(images.shape[-2:])
         meta = dict(ori_shape=shape, img_shape=shape, pad_shape=shape, padding_size=[0, 0, 0, 0])
         if not self.training:
-            return self.net.inference(images, [dict(meta) for _ in range(len(images))]).argmax(1)
-        samples = [SegDataSample(gt_sem_seg=PixelData(data=m[None]), metainfo=meta) for m in batch["masks"]]
+            logits = self.net.inference(images, [dict(meta) for _ in range(len(images))])
+            if "orig_size" not in batch:
+                return logits[:, :, :h0, :w0].argmax(1)
+            sizes = batch.get("img_sizes") or [(h0, w0)] * len(images)
+            return [
+                F.interpolate(lg[None, :, :h, :w], size=tuple(o), mode="bilinear", align_corners=False)[0].argmax(0)
+                for lg, (h, w), o in zip(logits, sizes, batch["orig_size"])
+            ]
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+
+        masks = F.pad(batch["masks"], pad, value=self.ignore_index)
+        samples = [SegDataSample(gt_sem_seg=PixelData(data=m[None]), metainfo=meta) for m in masks]
         raw = self.net.loss(images, samples)
         out = {k.replace(".", "_"): v.reshape(()) for k, v in raw.items()}
         out["loss"] = sum(v for k, v in out.items() if "loss" in k)
@@ -202,21 +220,50 @@ def areas_to_metrics(areas: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: nn.Module, loader, num_classes: int, ignore_index: int = 255) -> dict[str, float]:
-    """Every rank predicts its share of `loader`; areas are all-reduced, so each rank returns the global metrics."""
-    param = next(p for p in model.parameters() if p.is_floating_point())
-    was_training = model.training
-    model.eval()
+def evaluate_segmentation(model: Callable[[dict], Any], loader, num_classes: int, ignore_index: int = 255) -> dict[str, float]:
+    """mIoU/aAcc/mAcc of `model` (in eval mode) over `loader`: each rank sums its areas, then they are all-reduced.
+
+    Scored against "orig_masks" at the original size when the batch has them (the eval pipeline), else "masks".
+    """
     areas = torch.zeros(4, num_classes, dtype=torch.float64)
-    try:
-        for batch in loader:
-            images = batch["images"].to(param.device, param.dtype)
-            pred = model({"images": images})
-            areas += batch_areas(pred, batch["masks"].to(pred.device), num_classes, ignore_index).cpu()
-    finally:
-        model.train(was_training)
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        reduced = areas.to(param.device) if torch_dist.get_backend() == "nccl" else areas
+    for batch in loader:
+        preds = model(batch)
+        labels = batch["orig_masks"] if "orig_masks" in batch and not torch.is_tensor(preds) else batch["masks"]
+        for pred, label in zip(preds, labels):
+            areas += batch_areas(pred.cpu(), label.cpu(), num_classes, ignore_index)
+    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else "cpu"
+        reduced = areas.to(device)
         torch_dist.all_reduce(reduced)
         areas = reduced.cpu()
     return areas_to_metrics(areas)
+
+
+def _unwrap(model: Any) -> nn.Module:
+    """The task model inside an engine / DDP wrapper (each exposes the wrapped one as `.module`)."""
+    while not isinstance(model, SegModel) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@register_task("seg")
+class SegTask(Task):
+    """ADE20K-style semantic segmentation; `model.num_classes` defaults to the train shards' class list."""
+
+    head_options = SegHeadOptions
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        class_count(cfg)
+
+    def build_model(self, cfg) -> SegModel:
+        m = cfg.model
+        return build_segmentor(
+            m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
+            drop_path_rate=m.drop_path_rate, out_indices=m.out_indices, method_options=m.method_options,
+        )
+
+    def evaluate(self, model, loader, dist) -> dict[str, float]:
+        seg = _unwrap(model)
+        return evaluate_segmentation(model, loader, seg.num_classes, seg.ignore_index)
+

@@ -11,15 +11,22 @@ Boxes are continuous pixel coordinates (no devkit "+1"), so IoU is plain area ov
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..models import build_backbone
+from .base import Task, register_task
+from .heads import class_count
 from .heads.detection import Detector, gather_to_main, predict_dataset
 from .heads.fpn import FPNBackbone
 
@@ -30,9 +37,11 @@ class VocHeadOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     fpn_channels: int = Field(256, gt=0)
+    anchor_base: int = Field(32, gt=0)  # anchor size on P3, doubling per level (mmdet: octave base 4 x stride 8)
+    # GroupNorm(32) in the head towers (torchvision's RetinaNet v2); off in the papers' mmdet RetinaNet.
+    group_norm: bool = False
     score_thresh: float = Field(0.05, ge=0.0, le=1.0)  # as mmdet's test_cfg
     detections_per_img: int = Field(100, gt=0)
-    iou_thresh: float = Field(0.5, gt=0.0, lt=1.0)  # VOC matching threshold
 
 
 def build_retinanet(
@@ -51,8 +60,14 @@ def build_retinanet(
     # P6/P7 from the last FPN input (C5; the ViT pyramid keeps widths, so that is out_channels[3] either way).
     extra = LastLevelP6P7(body.out_channels[3], head.fpn_channels)
     fpn = FPNBackbone(body, levels=(1, 2, 3), out_channels=head.fpn_channels, extra=extra)
+    base_sizes = [head.anchor_base * 2**i for i in range(5)]  # P3..P7, 3 scales per octave, 3 aspect ratios
+    sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in base_sizes)  # torchvision's rounding
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    norm = partial(nn.GroupNorm, 32) if head.group_norm else None
     model = RetinaNet(
         fpn,
+        anchor_generator=anchors,
+        head=RetinaNetHead(head.fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1, norm_layer=norm),
         num_classes=num_classes + 1,
         score_thresh=head.score_thresh,
         detections_per_img=head.detections_per_img,
@@ -112,7 +127,7 @@ def _numpy(d: dict, keys: tuple[str, ...]) -> dict:
 
 
 @torch.no_grad()
-def evaluate_voc(model: torch.nn.Module, loader, num_classes: int, iou_thresh: float = 0.5) -> dict[str, float]:
+def evaluate_voc(model, loader, num_classes: int, iou_thresh: float = 0.5) -> dict[str, float]:
     """Every rank predicts its share; rank 0 gathers (detections, ground truth) per image and scores VOC07 mAP."""
     mine = []
     for target, pred, size in predict_dataset(model, loader):
@@ -127,3 +142,28 @@ def evaluate_voc(model: torch.nn.Module, loader, num_classes: int, iou_thresh: f
         return {}
     result = voc_map([d for d, _ in gathered], [g for _, g in gathered], num_classes, iou_thresh)
     return {"eval/voc_mAP": result["eval/voc_mAP"]}
+
+
+@register_task("voc")
+class VocTask(Task):
+    """Pascal VOC detection; `model.num_classes` defaults to the train shards' class list."""
+
+    head_options = VocHeadOptions
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        class_count(cfg)
+
+    def build_model(self, cfg) -> Detector:
+        m = cfg.model
+        return build_retinanet(
+            m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
+            drop_path_rate=m.drop_path_rate, out_indices=tuple(m.out_indices) if m.out_indices else None,
+            **m.method_options,
+        )
+
+    def evaluate(self, model, loader, dist) -> dict[str, float]:
+        classes = loader.shards.classes
+        if not classes:
+            raise ValueError(f"{loader.shards.spec}: the val shards' index has no class list")
+        return evaluate_voc(model, loader, len(classes))

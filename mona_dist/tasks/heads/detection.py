@@ -10,7 +10,7 @@ at the original resolution, as mmdet does with `rescale=True`).
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -57,8 +57,9 @@ class Detector(nn.Module):
     the image's original pixels.
     """
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: nn.Module, mask_thresh: float = 0.5):
         super().__init__()
+        self.mask_thresh = mask_thresh  # for evaluation: binarises pasted mask probabilities
         if not isinstance(detector.transform, PrenormalizedTransform):
             detector.transform = PrenormalizedTransform()
         self.detector = detector
@@ -83,19 +84,15 @@ def _masks(target: dict) -> dict:
     return {"masks": target["masks"]} if "masks" in target else {}
 
 
-def predict_dataset(model: nn.Module, loader) -> Iterator[tuple[dict, dict, tuple[int, int]]]:
-    """(target, prediction in original pixels, model input size) per image of this rank's share, in eval mode."""
-    param = next(p for p in model.parameters() if p.is_floating_point())
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                images = [img.to(param.device, param.dtype) for img in batch["images"]]
-                preds = model({"images": images, "targets": batch["targets"]})
-                yield from zip(batch["targets"], preds, [tuple(img.shape[-2:]) for img in images])
-    finally:
-        model.train(was_training)
+def predict_dataset(model: Callable[[dict], list[dict]], loader) -> Iterator[tuple[dict, dict, tuple[int, int]]]:
+    """(target, prediction in original pixels, model input size) per image of this rank's share of `loader`.
+
+    `model(batch)` runs in eval mode on the right device: the trainer passes its engine, which moves and casts the
+    batch; targets are read from the loader's own (CPU) batch.
+    """
+    for batch in loader:
+        preds = model(batch)
+        yield from zip(batch["targets"], preds, [tuple(img.shape[-2:]) for img in batch["images"]])
 
 
 def gather_to_main(items: list) -> list | None:
