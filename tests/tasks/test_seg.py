@@ -85,9 +85,24 @@ def test_a_few_steps_of_mona_training_raise_miou():
     torch.set_num_threads(1)
     model = build_segmentor("swin_nano_patch4_window7", "mona", 3, TINY_HEAD)
     train, val = seg_batches(1, 16, 4), seg_batches(2, 8, 4)
-    before = evaluate_segmentation(model, val, 3)
+    before = evaluate_segmentation(model.eval(), val, 3)
     losses = train_steps(model, train, steps=20, lr=1e-3)
-    after = evaluate_segmentation(model, val, 3)
+    after = evaluate_segmentation(model.eval(), val, 3)
     assert losses[-1] < losses[0]
     assert after["eval/mIoU"] > before["eval/mIoU"] + 10, (before, after)
-    assert model.training  # evaluate restores the mode
+
+
+def test_eval_scores_at_the_original_size_like_mmseg():
+    """With the eval pipeline's keys, padding is cut and logits resized to orig_size before the argmax."""
+    model = build_segmentor("swin_nano_patch4_window7", "mona", 3, TINY_HEAD).eval()
+    images = torch.zeros(2, 3, 48, 40)
+    batch = {"images": images, "img_sizes": [(48, 40), (30, 40)], "orig_size": [(96, 80), (15, 20)]}
+    with torch.no_grad():
+        preds = model(batch)
+        full = model({"images": images})
+    assert [tuple(p.shape) for p in preds] == [(96, 80), (15, 20)]
+    assert full.shape == (2, 48, 40)  # inputs not divisible by 32 are padded and cropped back
+    labels = [torch.zeros(96, 80, dtype=torch.long), torch.full((15, 20), 255)]
+    out = evaluate_segmentation(model, [{**batch, "masks": torch.zeros(2, 48, 40), "orig_masks": labels}], 3)
+    # only the first image's pixels count (the second is all ignore), all of class 0
+    assert out["eval/aAcc"] == pytest.approx(float((preds[0] == 0).float().mean() * 100))
