@@ -36,8 +36,9 @@ def _json_safe(value: Any) -> Any:
 class Monitor:
     """Rank-0 sink for per-step and eval records; `enabled=False` makes every call a no-op."""
 
-    def __init__(self, out_dir: str | Path, cfg: MonitorConfig, enabled: bool, total_steps: int, start_step: int = 0):
-        self.enabled = enabled
+    def __init__(self, out_dir: str | Path, cfg: MonitorConfig, enabled: bool, total_steps: int, start_step: int = 0,
+                 log_interval: int = 1):
+        self.enabled, self.log_interval = enabled, log_interval
         self.tb = self.jsonl = self.bar = None
         if not enabled:
             return
@@ -68,7 +69,9 @@ class Monitor:
         """One optimizer step: `record` has at least step, loss, lr, grad_norm, samples_per_s, mem_bytes."""
         if not self.enabled:
             return
-        self._write(record["step"], record)
+        # metrics.jsonl gets every step; TensorBoard every `log_interval` steps (and the first).
+        step = record["step"]
+        self._write(step, record, tensorboard=step % self.log_interval == 0 or step == 1)
         if self.bar is not None:
             self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -91,10 +94,10 @@ class Monitor:
         else:
             print(text, file=stream, flush=True)
 
-    def _write(self, step: int, record: dict[str, Any]) -> None:
+    def _write(self, step: int, record: dict[str, Any], tensorboard: bool = True) -> None:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
-        if self.tb is not None:
+        if self.tb is not None and tensorboard:
             for key, value in record.items():
                 if key == "step" or value is None:
                     continue

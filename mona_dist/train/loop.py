@@ -102,14 +102,15 @@ def train(cfg: Config, resume: str | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
 
+    # Loaders first: a missing data set fails in a second, not after building a large model.
+    loader = task.build_loader(cfg, "train", dist)
+    val_loader = task.build_loader(cfg, "val", dist) if cfg.data.val_shards else None
     seed_everything(cfg.train.seed)  # the same model on every rank
     model = task.build_model(cfg)
     total_params, trainable_params = count_parameters(model)
     meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
             "frozen_fingerprint": frozen_fingerprint(model)}
     seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
-    loader = task.build_loader(cfg, "train", dist)
-    val_loader = task.build_loader(cfg, "val", dist) if cfg.data.val_shards else None
     engine = build_engine(model, cfg.engine, cfg.optim, micro_batch_size=cfg.data.batch_size,
                           local_rank=dist.local_rank, world_size=dist.world_size)
     schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps)
@@ -126,7 +127,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     def save(at: int) -> Path:
         return save_checkpoint(out, at, engine, loader, dist, meta, cfg.train.keep_last)
 
-    monitor = Monitor(out, cfg.monitor, dist.is_main, cfg.train.max_steps, step)
+    monitor = Monitor(out, cfg.monitor, dist.is_main, cfg.train.max_steps, step, cfg.train.log_interval)
     if ckpt is not None:
         monitor.message(f"resumed from {ckpt} at step {step}")
     monitor.log_static(step, {"params_total": total_params, "params_trainable": trainable_params})

@@ -60,3 +60,13 @@ def test_step_meter_single_process():
     assert stats["samples_per_s"] == pytest.approx(8 / stats["step_time_s"], rel=1e-3)
     assert stats["skipped_samples"] == 2 and stats["data_wait_s"] >= 0
     assert 10 << 20 < stats["mem_bytes"] <= peak_memory_bytes(torch.device("cpu"))  # peak RSS of this process
+
+
+def test_tensorboard_follows_log_interval_while_jsonl_keeps_every_step(tmp_path):
+    mon = Monitor(tmp_path, MonitorConfig(progress_bar=False), enabled=True, total_steps=5, log_interval=2)
+    for s in range(1, 6):
+        mon.log_step(record(s))
+    mon.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 4]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_config
+from train_helpers import REPO, tiny_config
 
 BIN = Path(sys.executable).parent
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config
+from train_helpers import tiny_config
 from mona_dist.adapters import load_adapter
 from mona_dist.config import load_config
 from mona_dist.tasks import TASKS
@@ -107,8 +107,8 @@ def test_resume_modes(tmp_path, cls_shards):
 def test_resume_refuses_another_engine(tmp_path, cls_shards):
     path = tiny_config(tmp_path, cls_shards, train={"max_steps": 2, "eval_at_end": False})
     assert run(path) == 0
-    with pytest.raises(ValueError, match="has engine='ddp'; this run has 'deepspeed'"):
-        run(path, "engine.name=deepspeed", "train.max_steps=3", resume="latest")
+    with pytest.raises(ValueError, match="has engine=.ddp.; this run has .fairscale."):
+        run(path, "engine.name=fairscale", "engine.zero_stage=1", "train.max_steps=3", resume="latest")
 
 
 @pytest.mark.parametrize("target", ["engine.pt", "rank-00000.pt"])
@@ -165,3 +165,14 @@ def test_kill_during_save_never_breaks_latest(tmp_path, cls_shards, monkeypatch)
     assert (root / ".step-000004.partial").is_dir()
     assert run(path, resume="latest") == 0
     assert os.readlink(root / "latest") == "step-000004" and not (root / ".step-000004.partial").exists()
+
+
+def test_missing_data_set_names_the_command_that_makes_it(tmp_path, cls_shards, capsys, monkeypatch):
+    """The shipped configs read data/synthetic/cls/...; a checkout without it is told how to make it."""
+    from mona_dist.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_config(tmp_path, cls_shards, data={"train_shards": "data/synthetic/cls/shards/train.index.json"})
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mona-dist shards synthetic --task cls" in err[0], err
