@@ -75,7 +75,7 @@ def frozen_fingerprint(model: torch.nn.Module) -> float:
 
 # -- save ----------------------------------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: Any, dist: DistState,
-                    meta: dict[str, Any], keep_last: int) -> Path:
+                    meta: dict[str, Any], keep_last: int, counters: dict[str, int] | None = None) -> Path:
     """Collective. Writes `step-N/` completely, then points `latest` at it; a second save of the same step is a no-op."""
     root = checkpoint_root(output_dir)
     final, partial = root / step_name(step), root / f".{step_name(step)}.partial"
@@ -87,7 +87,8 @@ def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: A
         partial.mkdir(parents=True)
     barrier()
     engine.save(partial)
-    torch.save({"step": step, "rng": rng_state(), "loader": loader.state_dict()}, partial / f"rank-{dist.rank:05d}.pt")
+    torch.save({"step": step, "rng": rng_state(), "loader": loader.state_dict(), "counters": counters or {}},
+               partial / f"rank-{dist.rank:05d}.pt")
     with engine.exported() as model:
         if dist.is_main:
             save_adapter(model, partial / "adapter.safetensors", step=str(step))
@@ -159,7 +160,9 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, engine: Engine, dist: DistState, expect: dict[str, Any]) -> dict[str, Any]:
-    """Collective. Restores the engine; returns this rank's trainer state (step, rng, loader). Checks compatibility."""
+    """Collective. Restores the engine; returns this rank's trainer state (step, rng, loader, counters).
+
+    `expect` lists meta.json values this run must match (engine, ZeRO stage, task, frozen-weight fingerprint)."""
     meta = read_meta(path)
     if meta["world_size"] != dist.world_size:
         raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has {dist.world_size}")

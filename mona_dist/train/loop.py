@@ -96,6 +96,10 @@ def train(cfg: Config, resume: str | None = None) -> int:
     dist = init_distributed()
     task = TASKS.get(cfg.task)
     task.check(cfg)
+    if cfg.engine.name == "deepspeed":  # the merged DeepSpeed JSON is checked before anything is built
+        from mona_dist.engine.deepspeed_engine import deepspeed_config
+
+        deepspeed_config(cfg.engine, cfg.data.batch_size, dist.world_size)
     join_group(dist, cfg)
     out = Path(cfg.output_dir)
     if dist.is_main:
@@ -120,12 +124,13 @@ def train(cfg: Config, resume: str | None = None) -> int:
     if ckpt is not None:
         state = load_checkpoint(ckpt, engine, dist, expect={k: meta[k] for k in ("engine", "zero_stage", "task",
                                                                                   "frozen_fingerprint")})
-        step = state["step"]
+        step, skipped_steps = state["step"], state.get("counters", {}).get("skipped_steps", 0)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
 
     def save(at: int) -> Path:
-        return save_checkpoint(out, at, engine, loader, dist, meta, cfg.train.keep_last)
+        return save_checkpoint(out, at, engine, loader, dist, meta, cfg.train.keep_last,
+                               counters={"skipped_steps": skipped_steps})
 
     monitor = Monitor(out, cfg.monitor, dist.is_main, cfg.train.max_steps, step, cfg.train.log_interval)
     if ckpt is not None:

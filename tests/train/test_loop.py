@@ -93,6 +93,8 @@ def test_nan_loss_is_skipped_with_skip_policy(tmp_path, cls_shards):
     a = ckpt_mod.safe_torch_load(root / "step-000002" / "engine.pt")["model"]
     b = ckpt_mod.safe_torch_load(root / "step-000004" / "engine.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # skipped steps leave the weights alone
+    assert run(path, "train.max_steps=5", resume="latest") == 0
+    assert records(tmp_path / "run")[-1]["skipped_steps"] == 4  # the counter survives a resume
 
 
 def test_resume_modes(tmp_path, cls_shards):
