@@ -9,14 +9,13 @@ so the metric is exactly the single-process one.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import ConfigDict
-from mmengine.logging import MMLogger
+from mmengine.model import initialize
 from pydantic import BaseModel, ConfigDict as PydanticConfig, Field
 import torch.nn.functional as F
 from torch import nn
@@ -184,15 +183,13 @@ def build_segmentor(
         # mmseg warns on every CrossEntropyLoss that avg_non_ignore=False (that *is* the recipe) and on its own build_loss.
         warnings.filterwarnings("ignore", message=".*(avg_non_ignore|build_loss).*")
         net = MODELS.build(segmentor_config(backbone, method, num_classes, head, **backbone_kwargs))
-    # mmseg's runner calls init_weights (conv_seg ~ N(0, 0.01)); our backbones keep timm's init or their
-    # pretrained weights (MonaSwin/MonaViT have no init_cfg). Its per-parameter report is silenced.
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        net.init_weights()
-    finally:
-        logger.setLevel(level)
+    # mmseg's runner would call net.init_weights(): for these heads that is their init_cfg (conv_seg ~ N(0, 0.01);
+    # ConvModules init themselves when built). Applied directly: init_weights also reads every parameter's value
+    # for a report, which fails on the meta device. Our backbones keep timm's init or their pretrained weights.
+    for name in ("decode_head", "auxiliary_head"):
+        module = getattr(net, name, None)
+        if module is not None and module.init_cfg:
+            initialize(module, module.init_cfg)
     return SegModel(net, head.ignore_index)
 
 

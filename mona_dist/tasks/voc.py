@@ -24,7 +24,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..models import build_backbone
+from ..models import BACKBONES, build_backbone
 from .base import Task, register_task
 from .heads import class_count
 from .heads.detection import Detector, gather_to_main, predict_dataset
@@ -53,13 +53,16 @@ def build_retinanet(
 ) -> Detector:
     """RetinaNet for `num_classes` object classes (labels 1..K; index 0 stays unused, as torchvision counts)."""
     head = head if isinstance(head, VocHeadOptions) else VocHeadOptions.model_validate(head or {})
+    if not BACKBONES.get(backbone).timm_name.startswith("swin"):
+        raise ValueError(f"RetinaNet takes a Swin backbone (stages 1-3), got {backbone!r}")
+    # Only stages 1-3 leave the backbone: stage 0's output norm would be an unused parameter under DDP.
+    backbone_kwargs.setdefault("out_indices", (1, 2, 3))
     body = build_backbone(backbone, method, **backbone_kwargs)
-    n = len(body.out_channels)
-    if n != 4:
-        raise ValueError(f"RetinaNet's FPN uses stages 1-3 of 4 backbone outputs, {backbone} gives {n}")
-    # P6/P7 from the last FPN input (C5; the ViT pyramid keeps widths, so that is out_channels[3] either way).
-    extra = LastLevelP6P7(body.out_channels[3], head.fpn_channels)
-    fpn = FPNBackbone(body, levels=(1, 2, 3), out_channels=head.fpn_channels, extra=extra)
+    if len(body.out_channels) != 3:
+        raise ValueError(f"RetinaNet's FPN takes 3 Swin stages (out_indices 1-3), got {len(body.out_channels)}")
+    # P6/P7 from the last FPN input (C5), as mmdet's add_extra_convs="on_input".
+    extra = LastLevelP6P7(body.out_channels[-1], head.fpn_channels)
+    fpn = FPNBackbone(body, levels=(0, 1, 2), out_channels=head.fpn_channels, extra=extra)
     base_sizes = [head.anchor_base * 2**i for i in range(5)]  # P3..P7, 3 scales per octave, 3 aspect ratios
     sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in base_sizes)  # torchvision's rounding
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
@@ -158,7 +161,7 @@ class VocTask(Task):
         m = cfg.model
         return build_retinanet(
             m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
-            drop_path_rate=m.drop_path_rate, out_indices=tuple(m.out_indices) if m.out_indices else None,
+            drop_path_rate=m.drop_path_rate, out_indices=tuple(m.out_indices) if m.out_indices else (1, 2, 3),
             **m.method_options,
         )
 

@@ -59,6 +59,7 @@ def test_retinanet_uses_stages_1_to_3_plus_p6_p7():
     assert list(feats) == ["0", "1", "2", "p6", "p7"]
     assert [f.shape[-1] for f in feats.values()] == [8, 4, 2, 1, 1]  # strides 8..128
     assert model.detector.backbone.fpn.inner_blocks[0][0].in_channels == 64  # stage 1 of the nano Swin
+    assert model.backbone.out_indices == (1, 2, 3)  # stage 0 runs but has no (unused) output norm
     losses = model(det_batches(0, 2, 2, with_masks=False)[0])
     assert set(losses) == {"loss", "classification", "bbox_regression"}
     losses["loss"].backward()
