@@ -9,6 +9,7 @@ gathers every rank's detections on rank 0 and scores them with `COCOeval` agains
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 
@@ -172,8 +173,18 @@ def evaluate_coco(
     if gathered is None:
         return {}
     if gt is None:
-        gt = coco_ground_truth(loader.shards.urls, loader.shards.classes)
+        gt = _ground_truth_for(tuple(loader.shards.urls), json.dumps(loader.shards.classes))
     return coco_metrics(gt, gathered, iou_types)
+
+
+@functools.lru_cache(maxsize=2)
+def _ground_truth_for(shard_urls: tuple[str, ...], categories: str) -> COCO:
+    """Read and index a val split's ground truth once per run, not at every evaluation."""
+    gt = COCO()
+    gt.dataset = coco_ground_truth(list(shard_urls), json.loads(categories))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
 
 
 def _unwrap(model) -> Detector:

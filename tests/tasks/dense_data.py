@@ -1,6 +1,6 @@
-"""Tiny in-memory batches in the mona_dist batch formats (docs/ARCHITECTURE.md) for the dense tasks.
+"""Tiny in-memory batches in the mona_dist batch formats (docs/ARCHITECTURE.md) for the dense-task unit tests.
 
-Objects are coloured rectangles on a noisy background, so a few optimizer steps visibly improve a metric.
+Objects are coloured rectangles on a noisy background.
 """
 
 from __future__ import annotations
@@ -62,17 +62,3 @@ def det_batches(seed: int, n: int, batch: int, size: int = 64, num_classes: int 
             images, targets = [], []
     return batches
 
-
-def train_steps(model: torch.nn.Module, batches: list[dict], steps: int, lr: float) -> list[float]:
-    """Plain AdamW steps over the trainable parameters; returns the losses."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in range(steps):
-        out = model(batches[step % len(batches)])
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
-    return losses

@@ -55,3 +55,19 @@ def test_recipe_values():
     assert flowers["mona"].optim.lr == pytest.approx(2 * 5e-4 * 16 / 512)
     assert flowers["mona"].engine.grad_clip == 5.0 and flowers["mona"].engine.precision == "fp16"
     assert load_config(CONFIGS / "coco_mona_vit_l.yaml").model.backbone == "vit_large_patch16_224"
+
+
+def test_class_count_falls_back_to_the_shard_index(tmp_path):
+    from mona_dist.config.loader import ConfigError
+    from mona_dist.data.synthetic import build
+    from mona_dist.tasks.heads import class_count
+
+    build("voc", str(tmp_path / "voc"), num_train=4, num_val=2, size=48)
+    shards = tmp_path / "voc" / "shards" / "train.index.json"
+    cfg = load_config(CONFIGS / "cpu" / "voc.yaml", ["model.num_classes=null", f"data.train_shards={shards}"])
+    assert class_count(cfg) == 4  # circle, square, triangle, diamond
+    assert class_count(load_config(CONFIGS / "cpu" / "voc.yaml", ["model.num_classes=7"])) == 7
+    index = shards.read_text().replace('"classes": [', '"classes_": [')
+    shards.write_text(index)
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        class_count(cfg)

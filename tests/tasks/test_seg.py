@@ -13,7 +13,7 @@ from mona_dist.tasks.seg import (
     segmentor_config,
 )
 
-from dense_data import seg_batches, train_steps
+from dense_data import seg_batches
 
 TINY_HEAD = dict(channels=32, aux_channels=16)
 
@@ -79,17 +79,6 @@ def test_miou_hand_case():
     assert areas_to_metrics(batch_areas(pred, label, 4))["eval/mIoU"] == pytest.approx(m["eval/mIoU"])
     perfect = areas_to_metrics(batch_areas(label.clamp(max=2), label, 3))
     assert perfect["eval/mIoU"] == 100.0 and perfect["eval/aAcc"] == 100.0
-
-
-def test_a_few_steps_of_mona_training_raise_miou():
-    torch.set_num_threads(1)
-    model = build_segmentor("swin_nano_patch4_window7", "mona", 3, TINY_HEAD)
-    train, val = seg_batches(1, 16, 4), seg_batches(2, 8, 4)
-    before = evaluate_segmentation(model.eval(), val, 3)
-    losses = train_steps(model, train, steps=20, lr=1e-3)
-    after = evaluate_segmentation(model.eval(), val, 3)
-    assert losses[-1] < losses[0]
-    assert after["eval/mIoU"] > before["eval/mIoU"] + 10, (before, after)
 
 
 def test_eval_scores_at_the_original_size_like_mmseg():
