@@ -178,3 +178,17 @@ def test_missing_data_set_names_the_command_that_makes_it(tmp_path, cls_shards, 
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mona-dist shards synthetic --task cls" in err[0], err
+
+
+@pytest.mark.slow
+def test_zero3_with_parameter_and_optimizer_offload_matches_ddp(tmp_path, cls_shards):
+    """One process, DeepSpeed ZeRO-3 offloading parameters and optimizer to CPU: DDP's losses, adapter saved whole."""
+    base = {"train": {"max_steps": 3, "eval_at_end": False, "ckpt_interval": 3}}
+    assert run(tiny_config(tmp_path / "ddp", cls_shards, **base)) == 0
+    z3 = tiny_config(tmp_path / "z3", cls_shards, **base, engine={"name": "deepspeed", "zero_stage": 3,
+                                                                  "offload_optimizer": True, "offload_params": True})
+    assert run(z3) == 0
+    ddp, zero3 = step_losses(tmp_path / "ddp" / "run"), step_losses(tmp_path / "z3" / "run")
+    assert list(zero3.values()) == pytest.approx(list(ddp.values()), rel=1e-4)
+    model = TASKS.get("cls").build_model(load_config(z3))
+    load_adapter(model, tmp_path / "z3" / "run" / "checkpoints" / "latest" / "adapter.safetensors")  # every tensor
