@@ -66,7 +66,9 @@ def build_mask_rcnn(
     model = MaskRCNN(
         fpn,
         num_classes=None,  # given by the predictors below
-        rpn_anchor_generator=AnchorGenerator(tuple((head.anchor_base * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5),
+        rpn_anchor_generator=AnchorGenerator(
+            tuple((head.anchor_base * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5
+        ),
         rpn_post_nms_top_n_train=head.rpn_post_nms_train,
         rpn_post_nms_top_n_test=head.rpn_post_nms_test,
         box_batch_size_per_image=head.box_batch_size_per_image,
@@ -122,7 +124,9 @@ def coco_ground_truth(shard_urls: list[str], categories: list[dict]) -> dict:
 _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def coco_metrics(gt: COCO | dict, results: list[dict], iou_types: tuple[str, ...] = ("bbox", "segm")) -> dict[str, float]:
+def coco_metrics(
+    gt: COCO | dict, results: list[dict], iou_types: tuple[str, ...] = ("bbox", "segm")
+) -> dict[str, float]:
     """COCOeval of `results` against `gt` (a COCO object or an instances dict) -> {"eval/bbox_AP", ...} in percent.
 
     Only images in `gt` are scored. No detection at all gives AP 0 (pycocotools cannot load an empty result list).

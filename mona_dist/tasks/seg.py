@@ -73,7 +73,9 @@ def segmentor_config(
     channels, strides = probe.out_channels, probe.out_strides
     if len(channels) != 4:
         raise ValueError(f"UperNet needs 4 backbone outputs, {backbone} gives {len(channels)} (model.out_indices)")
-    neck = dict(type="SimpleFeaturePyramid", in_channels=channels, in_stride=strides[0]) if needs_pyramid(strides) else None
+    neck = None
+    if needs_pyramid(strides):
+        neck = dict(type="SimpleFeaturePyramid", in_channels=channels, in_stride=strides[0])
     norm = head.norm if head.norm != "auto" else ("SyncBN" if torch.cuda.is_available() else "BN")
     norm_cfg = dict(type=norm, requires_grad=True)
     ce = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=False)
@@ -180,7 +182,8 @@ def build_segmentor(
     from . import mmseg_registry  # noqa: F401  (registers MonaSwin / MonaViT / SimpleFeaturePyramid)
 
     with warnings.catch_warnings():
-        # mmseg warns on every CrossEntropyLoss that avg_non_ignore=False (that *is* the recipe) and on its own build_loss.
+        # mmseg warns on every CrossEntropyLoss that avg_non_ignore=False (that *is* the recipe) and on its own
+        # build_loss.
         warnings.filterwarnings("ignore", message=".*(avg_non_ignore|build_loss).*")
         net = MODELS.build(segmentor_config(backbone, method, num_classes, head, **backbone_kwargs))
     # mmseg's runner would call net.init_weights(): for these heads that is their init_cfg (conv_seg ~ N(0, 0.01);
@@ -217,7 +220,9 @@ def areas_to_metrics(areas: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: Callable[[dict], Any], loader, num_classes: int, ignore_index: int = 255) -> dict[str, float]:
+def evaluate_segmentation(
+    model: Callable[[dict], Any], loader, num_classes: int, ignore_index: int = 255
+) -> dict[str, float]:
     """mIoU/aAcc/mAcc of `model` (in eval mode) over `loader`: each rank sums its areas, then they are all-reduced.
 
     Scored against "orig_masks" at the original size when the batch has them (the eval pipeline), else "masks".

@@ -99,7 +99,11 @@ def voc_map(detections: list[dict], ground_truth: list[dict], num_classes: int, 
         npos = sum(int((~d).sum()) for _, d in gts)
         if npos == 0:
             continue
-        cand = [(float(s), i, b) for i, d in enumerate(detections) for s, b in zip(d["scores"][d["labels"] == c], d["boxes"][d["labels"] == c])]
+        cand = [
+            (float(s), i, b)
+            for i, d in enumerate(detections)
+            for s, b in zip(d["scores"][d["labels"] == c], d["boxes"][d["labels"] == c])
+        ]
         cand.sort(key=lambda x: -x[0])
         used = [np.zeros(len(b), dtype=bool) for b, _ in gts]
         tp, fp = np.zeros(len(cand)), np.zeros(len(cand))
@@ -108,7 +112,7 @@ def voc_map(detections: list[dict], ground_truth: list[dict], num_classes: int, 
             if len(gt_boxes) == 0:
                 fp[k] = 1
                 continue
-            ious = box_iou(torch.as_tensor(box, dtype=torch.float64)[None], torch.as_tensor(gt_boxes, dtype=torch.float64))[0]
+            ious = box_iou(torch.as_tensor(box[None]).double(), torch.as_tensor(gt_boxes).double())[0]
             j = int(ious.argmax())
             if ious[j] < iou_thresh:
                 fp[k] = 1

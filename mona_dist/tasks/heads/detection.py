@@ -27,7 +27,9 @@ class PrenormalizedTransform(GeneralizedRCNNTransform):
     """
 
     def __init__(self, size_divisible: int = 32):
-        super().__init__(min_size=1, max_size=1, image_mean=[0.0] * 3, image_std=[1.0] * 3, size_divisible=size_divisible)
+        super().__init__(
+            min_size=1, max_size=1, image_mean=[0.0] * 3, image_std=[1.0] * 3, size_divisible=size_divisible
+        )
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if not image.is_floating_point():
