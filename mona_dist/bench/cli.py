@@ -50,7 +50,7 @@ def bench(args: argparse.Namespace) -> int:
         engine=args.engine, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
         precision=args.precision or ("bf16" if device_kind == "cuda" else "fp32"),
     )
-    rows = run_bench(spec, device, local_rank=dist.local_rank, world_size=dist.world_size)
+    rows = run_bench(spec, device, world_size=dist.world_size)
     if dist.rank == 0:
         meta = {**vars(spec), "device": device.type, "world_size": dist.world_size,
                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),

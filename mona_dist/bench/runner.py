@@ -123,7 +123,7 @@ def _allreduce_max(value: float, device: torch.device) -> float:
     return value
 
 
-def run_bench(spec: BenchSpec, device: torch.device, local_rank: int = 0, world_size: int = 1) -> list[dict]:
+def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> list[dict]:
     from ..config.schema import EngineConfig, OptimConfig
     from ..engine import build_engine
 
@@ -143,7 +143,7 @@ def run_bench(spec: BenchSpec, device: torch.device, local_rank: int = 0, world_
         units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
         units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves
         engine = build_engine(model, ecfg, OptimConfig(lr=1e-5, weight_decay=0.05),
-                              micro_batch_size=spec.batch_size, local_rank=local_rank, world_size=world_size)
+                              micro_batch_size=spec.batch_size, world_size=world_size)
         engine.train()
         for _ in range(spec.warmup):
             _step(engine, batch)

@@ -214,8 +214,11 @@ class ShardLoader:
         self._fold_skips()
         stream = _WorkerStream(self._spec(), self.sample_fn, self.collate_fn)
         extra = {"prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
+        # Our own generator: without one, every new DataLoader iterator draws its base seed from the *global* torch
+        # RNG, so the trainer's random stream (dropout, drop-path) would depend on when loaders are (re)created, and a
+        # resumed run would no longer match an uninterrupted one. Worker streams are seeded by the plan, not by this.
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers, collate_fn=_identity,
-                            pin_memory=self.pin_memory, **extra)
+                            pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0), **extra)
         for (worker, raw, emitted, skip_samples, skip_shards), batch in loader:
             self._skips_now[worker] = (skip_samples, skip_shards)
             if batch is None:

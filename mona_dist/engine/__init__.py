@@ -1,6 +1,6 @@
 """Engines: functions applied to a plain model (DeepSpeed / fairscale / DDP), plus activation checkpointing.
 
-`build_engine(model, cfg, optim, micro_batch_size, local_rank, world_size)` picks the engine named by
+`build_engine(model, cfg, optim, micro_batch_size, world_size)` picks the engine named by
 `cfg.name`; the heavy libraries are imported only for the engine that is used.
 """
 
@@ -26,11 +26,11 @@ __all__ = [
 
 
 def build_engine(model: nn.Module, cfg: EngineConfig, optim: OptimConfig, *, micro_batch_size: int,
-                 local_rank: int = 0, world_size: int = 1) -> Engine:
+                 world_size: int = 1) -> Engine:
     """Wrap `model` for training. Multi-rank (and fairscale/DeepSpeed) need an initialised process group."""
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
-    device = pick_device(local_rank)
+    device = pick_device()
     if cfg.name == "deepspeed":
         from mona_dist.engine.deepspeed_engine import DeepSpeedEngine
 

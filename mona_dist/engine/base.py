@@ -32,11 +32,14 @@ def move_batch(obj: Any, device: torch.device, float_dtype: torch.dtype | None =
     return obj
 
 
-def pick_device(local_rank: int) -> torch.device:
-    """CUDA device of this local rank when CUDA exists, CPU otherwise."""
+def pick_device() -> torch.device:
+    """This rank's CUDA device when CUDA exists, CPU otherwise.
+
+    `init_distributed` already selected the GPU; with one visible GPU per task (`srun --gpus-per-task=1`) that is
+    cuda:0 whatever the local rank, so the current device is used rather than `cuda:<local_rank>`.
+    """
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

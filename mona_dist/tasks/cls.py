@@ -70,7 +70,8 @@ class ClsTask(Task):
     def build_model(self, cfg) -> Classifier:
         m = cfg.model
         backbone = build_backbone(m.backbone, m.method, pretrained=m.pretrained,
-                                  out_indices=tuple(m.out_indices) if m.out_indices is not None else None,
+                                  # a classifier reads only the last stage; the others would be computed for nothing
+                                  out_indices=tuple(m.out_indices) if m.out_indices is not None else (-1,),
                                   drop_path_rate=m.drop_path_rate, **m.method_options)
         return Classifier(backbone, m.num_classes, self.options(cfg))
 
