@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: Mona on a small Swin, DeepSpeed ZeRO-2 on 2 CPU ranks (gloo), activation checkpointing,
-# periodic checkpoints and a final evaluation. A few minutes on a 2-core machine.
+# periodic checkpoints and a final evaluation; then the methods' memory and time side by side.
+# A few minutes on a 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,11 @@ PYEOF
 echo "== training: deepspeed --num_gpus 2 launch/train.py --config $CONFIG $*"
 "$BIN/deepspeed" --num_gpus 2 launch/train.py --config "$CONFIG" "$@"
 
+echo
+echo "== memory/time of the methods side by side on the demo backbone (mona-dist bench)"
+"$PY" -m mona_dist.cli bench --backbone swin_nano_patch4_window7 --methods full,fixed,mona,e3va,mona_hw,lora \
+  --task seg --batch-size 4 --img-size 128 --steps 5 --warmup 1 --device cpu --out "$OUT/bench"
+
 cat <<MSG
 
 == demo finished
@@ -35,4 +41,5 @@ cat <<MSG
    checkpoints      : $OUT/checkpoints (newest: $OUT/checkpoints/latest -> $(readlink "$OUT/checkpoints/latest" 2>/dev/null || echo none))
    adapter only     : $OUT/checkpoints/latest/adapter.safetensors
    resolved config  : $OUT/config.yaml
+   method comparison: $OUT/bench/bench.md, bench.png, bench.json
 MSG
