@@ -71,6 +71,16 @@ class Task:
 T = TypeVar("T", bound=type[Task])
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
+def unwrap(model: Any, cls: type[M]) -> M:
+    """The task model of type `cls` inside engine / DDP wrappers (each exposes the one it wraps as `.module`)."""
+    while not isinstance(model, cls) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def register_task(name: str) -> Callable[[T], T]:
     """Class decorator: names the task and adds one instance of it to `TASKS`."""
 

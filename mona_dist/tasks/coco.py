@@ -26,7 +26,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..models import build_backbone
-from .base import Task, register_task
+from .base import Task, register_task, unwrap
 from .heads import class_count
 from .heads.detection import Detector, gather_to_main, predict_dataset
 from .heads.fpn import FPNBackbone
@@ -191,12 +191,6 @@ def _ground_truth_for(shard_urls: tuple[str, ...], categories: str) -> COCO:
     return gt
 
 
-def _unwrap(model) -> Detector:
-    while not isinstance(model, Detector) and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @register_task("coco")
 class CocoTask(Task):
     """COCO instance segmentation; `model.num_classes` defaults to the train shards' class list."""
@@ -219,5 +213,5 @@ class CocoTask(Task):
         categories = loader.shards.classes
         if not categories:
             raise ValueError(f"{loader.shards.spec}: the val shards' index has no COCO category list")
-        thresh = getattr(_unwrap(model), "mask_thresh", 0.5)
+        thresh = getattr(unwrap(model, Detector), "mask_thresh", 0.5)
         return evaluate_coco(model, loader, None, [c["id"] for c in categories], thresh)

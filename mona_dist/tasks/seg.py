@@ -22,7 +22,7 @@ from torch import nn
 
 from ..models import BACKBONES, build_backbone
 from . import mmseg_compat
-from .base import Task, register_task
+from .base import Task, register_task, unwrap
 from .heads import class_count
 from .heads.pyramid import needs_pyramid
 
@@ -241,13 +241,6 @@ def evaluate_segmentation(
     return areas_to_metrics(areas)
 
 
-def _unwrap(model: Any) -> nn.Module:
-    """The task model inside an engine / DDP wrapper (each exposes the wrapped one as `.module`)."""
-    while not isinstance(model, SegModel) and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @register_task("seg")
 class SegTask(Task):
     """ADE20K-style semantic segmentation; `model.num_classes` defaults to the train shards' class list."""
@@ -266,6 +259,6 @@ class SegTask(Task):
         )
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:
-        seg = _unwrap(model)
+        seg = unwrap(model, SegModel)
         return evaluate_segmentation(model, loader, seg.num_classes, seg.ignore_index)
 
