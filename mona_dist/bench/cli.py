@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", default="swin_base_patch4_window7_224")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated; options after a colon, e.g. e3va:lora_fa=true (default: %(default)s)")
-    p.add_argument("--task", choices=["cls", "seg", "det"], default="cls")
+    p.add_argument("--task", choices=["cls", "seg", "det"], default="cls",
+                   help="cls: linear head; seg: semantic-FPN head; det: torchvision RetinaNet (Swin only)")
     p.add_argument("--batch-size", type=int, default=2, help="per rank")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")

@@ -30,8 +30,9 @@ from .accounting import PeakMemory, model_state_bytes, saved_activation_bytes, z
 class BenchModel(nn.Module):
     """Backbone + a light head that is identical across methods; forward(batch) -> {"loss": ...} like a task model.
 
-    cls: global-average-pooled last stage -> linear. seg/det: an FPN over every output, the levels summed at the
-    finest scale, a 1x1 classifier, per-pixel cross-entropy (a semantic-FPN head: dense, multi-scale, cheap).
+    cls: global-average-pooled last stage -> linear. seg: an FPN over every output, the levels summed at the finest
+    scale, a 1x1 classifier, per-pixel cross-entropy (a semantic-FPN head: dense, multi-scale, cheap).
+    det is not built here: it is the VOC task's torchvision RetinaNet (`build_model`).
     """
 
     def __init__(self, backbone: nn.Module, task: str, num_classes: int = 100):
@@ -39,7 +40,7 @@ class BenchModel(nn.Module):
         self.backbone, self.task = backbone, task
         if task == "cls":
             self.head = nn.Linear(backbone.out_channels[-1], num_classes)
-        else:
+        elif task == "seg":
             self.fpn = FeaturePyramidNetwork(backbone.out_channels, 128)
             self.head = nn.Conv2d(128, num_classes, 1)
 
@@ -52,6 +53,16 @@ class BenchModel(nn.Module):
         fused = sum(F.interpolate(p, size=levels[0].shape[-2:], mode="bilinear") for p in levels)
         logits = F.interpolate(self.head(fused), size=batch["masks"].shape[-2:], mode="bilinear")
         return {"loss": F.cross_entropy(logits.float(), batch["masks"])}
+
+
+def build_model(spec: "BenchSpec", method: str, opts: dict[str, Any]) -> nn.Module:
+    """The model every method shares but for its backbone method: a BenchModel, or RetinaNet for det."""
+    if spec.task == "det":
+        from ..tasks.voc import build_retinanet  # torchvision RetinaNet over Swin stages 1-3, as the VOC recipe
+
+        return build_retinanet(spec.backbone, method, spec.num_classes, **opts)
+    outs = (-1,) if spec.task == "cls" else None  # a classifier reads the last stage only
+    return BenchModel(build_backbone(spec.backbone, method, out_indices=outs, **opts), spec.task, spec.num_classes)
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -93,9 +104,17 @@ class MethodRun:
     times: list[float] = field(default_factory=list)
 
 
-def make_batch(spec: BenchSpec, device: torch.device) -> dict[str, torch.Tensor]:
+def make_batch(spec: BenchSpec, device: torch.device) -> dict[str, Any]:
     g = torch.Generator().manual_seed(spec.seed)
     images = torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size, generator=g)
+    if spec.task == "det":  # 4 boxes per image, torchvision's list-of-images/targets format
+        targets = []
+        for _ in range(spec.batch_size):
+            xy = torch.rand(4, 2, generator=g) * spec.img_size * 0.6
+            wh = (torch.rand(4, 2, generator=g) * 0.3 + 0.1) * spec.img_size
+            targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                            "labels": torch.randint(1, spec.num_classes + 1, (4,), generator=g).to(device)})
+        return {"images": list(images.to(device)), "targets": targets}
     if spec.task == "cls":
         target = {"labels": torch.randint(spec.num_classes, (spec.batch_size,), generator=g)}
     else:
@@ -137,8 +156,7 @@ def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> lis
         meter.start()
         before_build = meter.base
         torch.manual_seed(spec.seed)  # same frozen weights and head init for every method
-        outs = (-1,) if spec.task == "cls" else None  # a classifier reads the last stage only
-        model = BenchModel(build_backbone(spec.backbone, method, out_indices=outs, **opts), spec.task, spec.num_classes)
+        model = build_model(spec, method, opts)
         total, trainable = count_parameters(model.backbone)
         units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
         units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves

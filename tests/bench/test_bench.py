@@ -73,3 +73,17 @@ def test_two_rank_zero3_holds_less_model_state_per_rank_than_zero0(tmp_path):
     for method in ("full", "e3va"):
         assert z3[method]["model_state_bytes"] < z0[method]["model_state_bytes"]
         assert z3[method]["model_state_estimate_bytes"] < z0[method]["model_state_estimate_bytes"]
+
+
+def test_det_benchmarks_a_real_retinanet():
+    from torchvision.models.detection import RetinaNet
+
+    from mona_dist.bench.runner import build_model
+
+    spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=["fixed", "e3va:lora_fa=true"], task="det",
+                     batch_size=1, img_size=64, steps=1, warmup=0, num_classes=20)
+    assert isinstance(build_model(spec, "fixed", {}).detector, RetinaNet)
+    fixed, e3va = run_bench(spec, torch.device("cpu"))
+    assert e3va["trainable"] > 0 == fixed["trainable"]
+    assert fixed["saved_activation_bytes"] > 0  # the detector's head trains under every method
+    assert e3va["peak_vs_fixed"] > 1.0
