@@ -60,4 +60,5 @@ def test_bench_data_json(synth, tmp_path, capsys):
                  "--batch-size", "4", "--pipeline", str(pipeline), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["pipeline_images_per_s"] > 0 and row["decode_images_per_s"] > 0
-    assert row["ratio"] == pytest.approx(row["pipeline_images_per_s"] / row["decode_images_per_s"], rel=0.01)
+    # the ratio is printed to 3 decimals: on a loaded machine it can be ~0.006, where rounding alone exceeds 1 %
+    assert row["ratio"] == pytest.approx(row["pipeline_images_per_s"] / row["decode_images_per_s"], rel=0.01, abs=6e-4)
