@@ -43,6 +43,25 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {clean_name(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def copy_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy `tensors` into `model`'s trainable parameters, matched by state_dict name (wrapper prefixes removed).
+
+    Returns (missing, unexpected) names and copies nothing when either is non-empty; a shape mismatch is a
+    ValueError naming the tensor. The one place that matches saved trainable tensors to a live, possibly wrapped,
+    model: adapter files and the torch engines' checkpoints both go through it.
+    """
+    params = {clean_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        return missing, unexpected
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if params[name].shape != t.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, the model has {tuple(params[name].shape)}")
+            params[name].copy_(t)
+    return [], []
+
+
 def save_adapter(model: nn.Module, path: str | Path, **metadata: str) -> Path:
     """Write the trainable tensors of `model` to one safetensors file (ZeRO-3: gather first)."""
     path = Path(path)
@@ -69,18 +88,14 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors adapter file ({err})") from None
-    params = {clean_name(n): p for n, p in model.named_parameters() if p.requires_grad}
-    unexpected = sorted(set(tensors) - set(params))
-    missing = sorted(set(params) - set(tensors))
+    try:
+        missing, unexpected = copy_trainable(model, tensors)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     if unexpected or missing:
         what = f"unexpected {unexpected[:3]}" if unexpected else f"missing {missing[:3]}"
         raise ValueError(
             f"{path} does not fit this model ({len(unexpected)} unexpected, {len(missing)} missing keys: {what}); "
             f"was it saved from the same backbone and method{' ' + repr(metadata.get('method')) if metadata else ''}?"
         )
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if params[name].shape != t.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model has {tuple(params[name].shape)}")
-            params[name].copy_(t)
     return metadata

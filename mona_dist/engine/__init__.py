@@ -10,7 +10,7 @@ from torch import nn
 
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine.activation import enable_activation_checkpointing
-from mona_dist.engine.base import Engine, move_batch, pick_device, trainable_state
+from mona_dist.engine.base import Engine, move_batch, pick_device
 from mona_dist.engine.optim import LRSchedule, param_groups
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "move_batch",
     "param_groups",
     "pick_device",
-    "trainable_state",
 ]
 
 

@@ -46,11 +46,6 @@ def pick_device() -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the trainable tensors: frozen weights are rebuilt from `model.pretrained` (and seeded init) on resume."""
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
 class Engine(ABC):
     name: str = "engine"
 

@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mona_dist.config.schema import EngineConfig, OptimConfig
-from mona_dist.engine.base import Engine, trainable_state
+from mona_dist.adapters.io import copy_trainable, trainable_state_dict
+from mona_dist.engine.base import Engine
 from mona_dist.engine.optim import build_adamw, param_groups
 from mona_dist.engine.serialization import safe_torch_load
 
@@ -29,12 +30,13 @@ def _world() -> tuple[int, int]:
 
 def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
     """Copy saved trainable weights in; a checkpoint of another model gives a one-line error."""
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    try:
+        missing, unexpected = copy_trainable(model, weights)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {source}: {err}") from None
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
         raise ValueError(f"checkpoint {source} does not match this model's trainable parameters ({what})")
-    model.load_state_dict(weights, strict=False)
 
 
 class TorchEngine(Engine):
@@ -78,7 +80,8 @@ class TorchEngine(Engine):
     def save(self, directory: Path) -> None:
         optim_state = self.optimizer_state()
         if _world()[0] == 0:
-            state = {"model": trainable_state(self.model), "optimizer": optim_state}
+            # state_dict names: activation-checkpoint wrappers must not leak into the file (resume without them)
+            state = {"model": {k: v.cpu() for k, v in trainable_state_dict(self.model).items()}, "optimizer": optim_state}
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
             torch.save(state, Path(directory) / STATE_FILE)
