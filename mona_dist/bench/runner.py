@@ -23,6 +23,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from ..adapters import count_parameters
 from ..adapters.blocks import Recompute
+from ..distributed import all_reduce_max
 from ..models import build_backbone, checkpoint_units
 from .accounting import PeakMemory, model_state_bytes, saved_activation_bytes, zero_model_state_estimate
 
@@ -134,14 +135,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _allreduce_max(value: float, device: torch.device) -> float:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([float(value)], device=device if device.type == "cuda" else "cpu")
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t.item()
-    return value
-
-
 def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> list[dict]:
     from ..config.schema import EngineConfig, OptimConfig
     from ..engine import build_engine
@@ -184,12 +177,12 @@ def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> lis
             "method": label,
             "trainable": trainable,
             "total_params": total,
-            "peak_mem_bytes": int(_allreduce_max(peak, device)),
-            "saved_activation_bytes": int(_allreduce_max(saved, device)),
-            "model_state_bytes": int(_allreduce_max(state["total"], device)),
+            "peak_mem_bytes": all_reduce_max(int(peak)),
+            "saved_activation_bytes": all_reduce_max(int(saved)),
+            "model_state_bytes": all_reduce_max(int(state["total"])),
             "model_state_breakdown": state,
             "model_state_estimate_bytes": estimate["total"],
-            "rss_peak_bytes": int(_allreduce_max(transient, device)) if device.type == "cpu" else None,
+            "rss_peak_bytes": all_reduce_max(int(transient)) if device.type == "cpu" else None,
         }
         runs.append(MethodRun(label, engine, row))
 
@@ -199,7 +192,7 @@ def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> lis
             t0 = time.perf_counter()
             _step(r.engine, batch)
             _sync(device)
-            r.times.append(_allreduce_max(time.perf_counter() - t0, device))
+            r.times.append(all_reduce_max(time.perf_counter() - t0))
 
     rows = []
     for r in runs:
