@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -173,7 +172,3 @@ class PeakMemory:
         else:
             self.absolute = _rss_kib("VmHWM") * 1024
         return max(self.absolute - self.base, 0)
-
-
-def rss_bytes() -> int:
-    return _rss_kib("VmRSS") * 1024 if os.path.exists("/proc/self/status") else 0

@@ -23,12 +23,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new CUDA peak window (after warm-up); RSS peaks cannot be reset, so CPU keeps the process peak."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def _gather(values: list[float], device: torch.device) -> list[list[float]]:
     """[rank][i] of every rank's `values`; just `[values]` in a single process."""
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
