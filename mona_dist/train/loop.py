@@ -56,20 +56,6 @@ def endless(loader: Any) -> Iterator[Any]:
     raise ValueError("the training loader yielded no batch (data.train_shards empty or batch too large?)")
 
 
-def next_batch(batches: Iterator[Any]) -> Any:
-    """The next batch, leaving the trainer's torch RNG as it was.
-
-    torch's DataLoader draws a base seed from the global generator each time an iterator is created (epoch starts,
-    and the first batch after a resume). Without this guard a resumed run would shift every later dropout mask
-    and lose bitwise equality with the uninterrupted run.
-    """
-    state = torch.get_rng_state()
-    try:
-        return next(batches)
-    finally:
-        torch.set_rng_state(state)
-
-
 def agree(loss: torch.Tensor, preempt: bool, device: torch.device) -> tuple[float, bool, bool]:
     """Collective: (mean loss over ranks, any rank non-finite, any rank pre-empted)."""
     finite = bool(torch.isfinite(loss))
@@ -146,7 +132,9 @@ def train(cfg: Config, resume: str | None = None) -> int:
                 losses, bad, stop = [], False, False
                 for micro in range(accum):
                     meter.data_start()
-                    batch = next_batch(batches)
+                    # the loader leaves the global torch RNG alone (its own generator, RNG restored around
+                    # in-process augmentation), so dropout masks do not depend on when its iterators start
+                    batch = next(batches)
                     meter.data_end(task.batch_size(batch))
                     if bad:
                         continue  # keep consuming the step's batches so the data position stays aligned
