@@ -17,7 +17,7 @@ from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.adapters.io import copy_trainable, trainable_state_dict
 from mona_dist.engine.base import Engine
 from mona_dist.engine.optim import build_adamw, param_groups
-from mona_dist.engine.serialization import safe_torch_load
+from mona_dist.serialization import safe_torch_load
 
 STATE_FILE = "engine.pt"
 

@@ -22,7 +22,7 @@ from mona_dist.config.loader import ConfigError, deep_merge
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine.base import DTYPES, Engine
 from mona_dist.engine.optim import build_adamw, param_groups
-from mona_dist.engine.serialization import safe_torch_load
+from mona_dist.serialization import safe_torch_load
 
 TAG = "engine"
 

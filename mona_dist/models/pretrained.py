@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.layers import resize_rel_pos_bias_table
+
+from ..serialization import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, foreign or pickled-code files all end here
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
+        sd = load_file(str(path)) if path.suffix == ".safetensors" else safe_torch_load(path)
+    except (ValueError, SafetensorError, OSError) as err:  # truncated, foreign or code-carrying files
+        raise ValueError(f"{path} is not a readable checkpoint ({str(err)[:160]})") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

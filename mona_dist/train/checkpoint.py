@@ -9,7 +9,7 @@
         latest -> step-000020   a symlink, replaced atomically (rename) only after the step directory is complete
 
 A SIGKILL during a save leaves at most a `.partial` directory, which the next save removes; `latest` always points
-at a complete checkpoint. Every file is read back with weights_only=True (see engine/serialization.py).
+at a complete checkpoint. Every file is read back with weights_only=True (see mona_dist/serialization.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.distributed as tdist
 from mona_dist.adapters import save_adapter
 from mona_dist.distributed import DistState, barrier
 from mona_dist.engine import Engine
-from mona_dist.engine.serialization import safe_torch_load
+from mona_dist.serialization import safe_torch_load
 
 FORMAT = "mona-dist-checkpoint/1"
 LATEST = "latest"
