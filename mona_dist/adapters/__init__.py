@@ -10,7 +10,7 @@ Every method freezes the model first, then adds its modules (which train) and/or
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Iterable
 
 from torch import nn
 
@@ -53,6 +53,19 @@ def method_options(method: str) -> dict[str, object]:
     return {n: p.default for n, p in list(sig.parameters.items())[1:]}
 
 
+def parse_method_options(pairs: Iterable[str]) -> dict[str, object]:
+    """["lora_fa=true", "rank=4"] -> {"lora_fa": True, "rank": 4}: values parsed as YAML (safe_load), as in configs."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method options are key=value, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
 def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
     """Apply `method` in place to a timm Swin/ViT or a mona_dist Backbone; return the model.
 
@@ -85,6 +98,7 @@ __all__ = [
     "count_parameters",
     "load_adapter",
     "method_options",
+    "parse_method_options",
     "save_adapter",
     "trainable_state_dict",
 ]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
-from ..adapters import count_parameters
+from ..adapters import count_parameters, parse_method_options
 from ..adapters.blocks import Recompute
 from ..distributed import all_reduce_max
 from ..models import build_backbone, checkpoint_units
@@ -68,16 +68,8 @@ def build_model(spec: "BenchSpec", method: str, opts: dict[str, Any]) -> nn.Modu
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """'e3va' or 'e3va:lora_fa=true,rank=4' -> (method, options)."""
-    import yaml
-
     name, _, rest = spec.partition(":")
-    opts = {}
-    for pair in filter(None, rest.split(",")):
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"method options are key=value, got {pair!r} in {spec!r}")
-        opts[key] = yaml.safe_load(value)
-    return name, opts
+    return name, parse_method_options(filter(None, rest.split(",")))
 
 
 @dataclass

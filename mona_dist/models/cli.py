@@ -6,18 +6,6 @@ import argparse
 import json
 
 
-def _options(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--option wants key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="count a backbone's total and trainable parameters under a method")
     p.add_argument("--backbone", required=True)
@@ -38,10 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def params(args: argparse.Namespace) -> int:
     import torch
 
+    from ..adapters import parse_method_options
     from . import build_backbone, count_parameters
 
     with torch.device("meta"):  # shapes are all a count needs: Swin-L in a fraction of a second
-        bb = build_backbone(args.backbone, args.method, **_options(args.option))
+        bb = build_backbone(args.backbone, args.method, **parse_method_options(args.option))
     total, trainable = count_parameters(bb)
     row = {
         "backbone": args.backbone,
