@@ -43,23 +43,25 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {clean_name(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def copy_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+def copy_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
     """Copy `tensors` into `model`'s trainable parameters, matched by state_dict name (wrapper prefixes removed).
 
-    Returns (missing, unexpected) names and copies nothing when either is non-empty; a shape mismatch is a
-    ValueError naming the tensor. The one place that matches saved trainable tensors to a live, possibly wrapped,
-    model: adapter files and the torch engines' checkpoints both go through it.
+    The one place that matches saved trainable tensors to a live, possibly wrapped, model: adapter files and the
+    torch engines' checkpoints both go through it. Names or shapes that do not match are a one-line ValueError
+    naming `source` (and ending with `hint`); nothing is copied then.
     """
     params = {clean_name(n): p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
-        return missing, unexpected
+        what = f"unexpected {unexpected[:3]}" if unexpected else f"missing {missing[:3]}"
+        raise ValueError(f"{source} does not fit this model ({len(unexpected)} unexpected, {len(missing)} missing "
+                         f"keys: {what}){hint}")
+    for name, t in tensors.items():
+        if params[name].shape != t.shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, the model has {tuple(params[name].shape)}")
     with torch.no_grad():
         for name, t in tensors.items():
-            if params[name].shape != t.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, the model has {tuple(params[name].shape)}")
             params[name].copy_(t)
-    return [], []
 
 
 def save_adapter(model: nn.Module, path: str | Path, **metadata: str) -> Path:
@@ -88,14 +90,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors adapter file ({err})") from None
-    try:
-        missing, unexpected = copy_trainable(model, tensors)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    if unexpected or missing:
-        what = f"unexpected {unexpected[:3]}" if unexpected else f"missing {missing[:3]}"
-        raise ValueError(
-            f"{path} does not fit this model ({len(unexpected)} unexpected, {len(missing)} missing keys: {what}); "
-            f"was it saved from the same backbone and method{' ' + repr(metadata.get('method')) if metadata else ''}?"
-        )
+    method = f" {metadata['method']!r}" if metadata.get("method") else ""
+    copy_trainable(model, tensors, str(path), hint=f"; was it saved from the same backbone and method{method}?")
     return metadata

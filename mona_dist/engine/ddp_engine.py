@@ -28,17 +28,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy saved trainable weights in; a checkpoint of another model gives a one-line error."""
-    try:
-        missing, unexpected = copy_trainable(model, weights)
-    except ValueError as err:
-        raise ValueError(f"checkpoint {source}: {err}") from None
-    if missing or unexpected:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise ValueError(f"checkpoint {source} does not match this model's trainable parameters ({what})")
-
-
 class TorchEngine(Engine):
     """Shared by the ddp and fairscale engines: torch optimizer, autocast, optional fp16 grad scaler."""
 
@@ -91,7 +80,7 @@ class TorchEngine(Engine):
         state = safe_torch_load(path)
         if not isinstance(state, dict) or not {"model", "optimizer"} <= state.keys():
             raise ValueError(f"checkpoint {path} was not written by the {self.name} engine")
-        load_trainable(self.model, state["model"], path)
+        copy_trainable(self.model, state["model"], f"checkpoint {path}")  # one-line error for another model's file
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
