@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .index import ShardSet
 from .plan import WorkerPlan, mix_seed, planned_batches, worker_plan
+from .transfer import pack, unpack
 from .wds_compat import SkipCounter, iter_shard, shuffled, worker_info
 
 log = logging.getLogger("mona_dist.data")
@@ -130,11 +131,15 @@ class _WorkerStream(IterableDataset):
                     torch.set_rng_state(state)
             emitted += 1
             if len(buffer) == spec.batch_size:
-                yield meta(), self.collate_fn(buffer)
+                yield meta(), self._batch(buffer, in_main)
                 buffer = []
         if buffer and not spec.drop_last:
-            yield meta(), self.collate_fn(buffer)
+            yield meta(), self._batch(buffer, in_main)
         yield meta(), None
+
+    def _batch(self, records: list, in_main: bool) -> Any:
+        batch = self.collate_fn(records)
+        return batch if in_main else pack(batch)  # one shared block per batch: see transfer.py
 
 
 def _identity(x):
@@ -226,7 +231,7 @@ class ShardLoader:
             self._resume[worker] = (raw, emitted)
             self._next_worker = (worker + 1) % self.num_workers
             self.position += 1
-            yield batch
+            yield unpack(batch)
         self._fold_skips()
         self.epoch += 1
         self._reset_position()
