@@ -6,6 +6,9 @@
         for batch in loader: ...
     ckpt["data"] = loader.state_dict()   # resume: loader.load_state_dict(ckpt["data"])
 
+Batches hold uint8 pixels; the model's `DataPreprocessor` (first module of every task model) normalises them on
+the device and applies the colour jitter drawn in the workers (docs/ARCHITECTURE.md, "Data batches").
+
 Ranks are passed in, never read from the environment (`mona_dist.distributed` is the one place that does that).
 """
 
@@ -16,11 +19,12 @@ from typing import Literal
 from .config import DataConfig, PipelineConfig, default_pipeline
 from .index import ShardSet, resolve_shards
 from .loader import ShardLoader
+from .preprocess import DataPreprocessor
 
 TASKS = ("cls", "seg", "coco", "voc")
 
-__all__ = ["DataConfig", "PipelineConfig", "ShardLoader", "ShardSet", "build_loader", "default_pipeline",
-           "resolve_shards"]
+__all__ = ["DataConfig", "DataPreprocessor", "PipelineConfig", "ShardLoader", "ShardSet", "build_loader",
+           "default_pipeline", "resolve_shards"]
 
 
 def build_loader(task: str, cfg: DataConfig, split: Literal["train", "val"], *, rank: int, world_size: int,

@@ -1,8 +1,14 @@
 """`mona-dist bench-data`: images/s of the full pipeline next to the raw decode rate of the same shards.
 
-Both run through the same ShardLoader machinery (same workers, tar reading, resampled shard draws); the decode
-baseline only decodes the image (and the seg label map). The two are measured in alternating rounds on live
-iterators, so machine noise hits both alike; the first batch of each (worker start-up) is not timed.
+Both run through the same ShardLoader machinery (same workers, tar reading, resampled shard draws). The decode
+baseline is the pipeline's own first step, `TaskPipeline.decode`: every member of a sample turned into arrays at
+its stored size (the image; the label map for seg; the annotations, and for COCO the instance masks rasterised from
+their polygons/RLE). The pipeline adds the augmentations and the collate on top, so the ratio is what those cost.
+Both are measured in alternating rounds on live iterators, so machine noise hits both alike; the first batch of
+each (worker start-up) is not timed.
+
+Normalisation and photometric jitter run on the device, in the model (`preprocess.DataPreprocessor`), so neither
+rate includes them; their own rate on `device` is measured on the same batches and reported next to the ratio.
 """
 
 from __future__ import annotations
@@ -20,18 +26,20 @@ def _count(batch: Any) -> int:
 
 
 def bench_data(shards: str, task: str, *, workers: int = 2, batches: int = 60, batch_size: int = 16,
-               rounds: int = 3, pipeline: Optional[PipelineConfig] = None, seed: int = 0) -> dict[str, Any]:
+               rounds: int = 3, pipeline: Optional[PipelineConfig] = None, seed: int = 0,
+               device: Optional[str] = None) -> dict[str, Any]:
     from .config import default_pipeline
     from .index import resolve_shards
     from .loader import ShardLoader
-    from .pipelines import TaskPipeline, decode_only
+    from .pipelines import TaskPipeline
 
     shard_set = resolve_shards(shards)
-    pipe = TaskPipeline(task, pipeline or default_pipeline(task, "train"), True, shard_set.classes)
+    cfg = pipeline or default_pipeline(task, "train")
+    pipe = TaskPipeline(task, cfg, True, shard_set.classes)
     common = dict(train=True, rank=0, world_size=1, seed=seed, batch_size=batch_size, workers=workers,
                   shuffle_buffer=64, resampled=True, epoch_samples=10**9, drop_last=True)
     full = iter(ShardLoader(shard_set, pipe.sample, pipe.collate, **common))
-    raw = iter(ShardLoader(shard_set, decode_only(task), len, **common))
+    raw = iter(ShardLoader(shard_set, pipe.decode, len, **common))
     next(full), next(raw)  # start-up, not timed
     per_round = max(1, batches // rounds)
     timings = {"pipeline": [0.0, 0], "decode": [0.0, 0]}
@@ -42,6 +50,7 @@ def bench_data(shards: str, task: str, *, workers: int = 2, batches: int = 60, b
                 images += _count(next(it))
             timings[name][0] += time.perf_counter() - t0
             timings[name][1] += images
+    device_rate, dev = _device_rate(cfg, [next(full) for _ in range(3)], device)
     full.close(), raw.close()  # shuts the workers down now rather than at garbage collection
     pipeline_rate = timings["pipeline"][1] / timings["pipeline"][0]
     decode_rate = timings["decode"][1] / timings["decode"][0]
@@ -57,4 +66,28 @@ def bench_data(shards: str, task: str, *, workers: int = 2, batches: int = 60, b
         "decode_images_per_s": round(decode_rate, 1),
         "decode_images_per_s_per_worker": round(decode_rate / n, 1),
         "ratio": round(pipeline_rate / decode_rate, 3),
+        "device": dev,
+        "device_preprocess_images_per_s": round(device_rate, 1),
     }
+
+
+def _device_rate(cfg: PipelineConfig, batches: list[dict], device: Optional[str]) -> tuple[float, str]:
+    """Images/s of the model's DataPreprocessor (jitter + normalisation) on `device` (default: CUDA if present)."""
+    import torch
+
+    from .preprocess import DataPreprocessor
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pre = DataPreprocessor(cfg.mean, cfg.std).to(dev)
+    moved = []
+    for b in batches:
+        images = b["images"]
+        moved.append(([im.to(dev) for im in images] if isinstance(images, list) else images.to(dev),
+                      b.get("img_sizes"), None if b.get("jitter") is None else b["jitter"].to(dev)))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    pre(*moved[0]), sync()  # warm-up
+    t0 = time.perf_counter()
+    for args in moved:
+        pre(*args)
+    sync()
+    return sum(len(m[0]) for m in moved) / (time.perf_counter() - t0), str(dev)

@@ -1,22 +1,26 @@
 """Per-task decode -> transform -> collate, producing exactly the batches of docs/ARCHITECTURE.md.
 
-  cls   {"images": float (B,3,H,W), "labels": int64 (B,)}
-  seg   {"images": float (B,3,H,W), "masks": int64 (B,H,W)}  0..K-1, 255 = ignore (reduce_zero_label like mmseg)
-        eval adds "orig_masks" (list of int64 (H0,W0), the untouched label maps after reduce_zero_label),
-        "img_sizes" (list of (h, w): the valid, unpadded part of each image) and "orig_size": evaluate at original
-        size by cropping logits to img_sizes[i], resizing to orig_size[i] and comparing with orig_masks[i].
-  coco  {"images": list of float (3,h,w), "targets": list of {boxes, labels 1..K, masks uint8 (N,h,w), image_id,
+  cls   {"images": uint8 (B,3,H,W), "labels": int64 (B,)}
+  seg   {"images": uint8 (B,3,H,W), "masks": uint8 (B,H,W), "img_sizes"}  masks 0..K-1, 255 = ignore
+        (reduce_zero_label like mmseg); "img_sizes" lists each image's valid, unpadded (h, w). Eval adds
+        "orig_masks" (list of int64 (H0,W0), the untouched label maps after reduce_zero_label) and "orig_size":
+        evaluate by cropping logits to img_sizes[i], resizing to orig_size[i] and comparing with orig_masks[i].
+  coco  {"images": list of uint8 (3,h,w), "targets": list of {boxes, labels 1..K, masks uint8 (N,h,w), image_id,
         orig_size, iscrowd, area}}; training targets exclude crowd regions, eval targets keep them (iscrowd=True)
   voc   same with {boxes, labels, difficult, image_id, orig_size}; training targets exclude difficult objects
         (mmdet's rule), eval targets keep them. VOC's 1-based inclusive boxes become [x1-1, y1-1, x2, y2].
-Batches are padded (seg/cls) after normalisation with 0 and label 255, like mmseg's data preprocessor.
+Images leave the workers as uint8 pixels (a quarter of float32's bytes through shared memory, pinning and the host
+to device copy); the model normalises them on its device and zeroes the padding (`preprocess.DataPreprocessor`, as
+mmseg/mmdet 1.x's data preprocessors do). Batches are padded (cls/seg) with pixel 0 and label 255. With a
+`color_jitter` in the train pipeline, batches carry "jitter": float (B, 8), the worker's random draws for each
+sample, which the device applies before normalising (`preprocess.DataPreprocessor`, `transforms.JitterDraw`).
 """
 
 from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from .config import PipelineConfig
-from .transforms import IGNORE_INDEX, build_transform
+from .transforms import IGNORE_INDEX, JitterDraw, build_transform
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
@@ -131,27 +135,29 @@ def _cls_record(sample: dict, train: bool) -> dict[str, Any]:
     return {"image": tv_tensors.Image(decode_rgb(sample)), "label": label}
 
 
-def _float_out(shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty float tensor; in a DataLoader worker it lives in shared memory already, so sending the batch to
-    the main process moves a handle instead of copying the data (what torch's default_collate does)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
-    proto = torch.empty(0, dtype=torch.float32)
-    storage = proto._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
-    return proto.new(storage).view(shape)
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (3, h, w) images -> (B, 3, H, W) padded with 0 at the bottom/right, channels-last in memory.
+
+    Decoded images are (3, h, w) views of interleaved (h, w, 3) memory, so an interleaved batch is filled by plain
+    row copies; models take it as is (convolutions accept channels-last input, and on CUDA prefer it).
+    """
+    h = max(im.shape[-2] for im in images)
+    w = max(im.shape[-1] for im in images)
+    out = torch.empty((len(images), h, w, images[0].shape[0]), dtype=torch.uint8)
+    if any(im.shape[-2:] != (h, w) for im in images):
+        out.zero_()
+    for i, im in enumerate(images):
+        out[i, : im.shape[-2], : im.shape[-1]] = im.permute(1, 2, 0)
+    return out.permute(0, 3, 1, 2)
 
 
-def _normalise(images: torch.Tensor, mean255: torch.Tensor, inv_std255: torch.Tensor) -> torch.Tensor:
-    """(x / 255 - mean) / std as one float copy and two in-place passes (2x faster than the plain formula)."""
-    return _float_out(tuple(images.shape)).copy_(images).sub_(mean255).mul_(inv_std255)
-
-
-def _pad_stack(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
-    h = max(t.shape[-2] for t in tensors)
-    w = max(t.shape[-1] for t in tensors)
-    out = tensors[0].new_full((len(tensors), *tensors[0].shape[:-2], h, w), value)
-    for i, t in enumerate(tensors):
-        out[i, ..., : t.shape[-2], : t.shape[-1]] = t
+def stack_masks(masks: list[torch.Tensor], fill: int) -> torch.Tensor:
+    """uint8 (h, w) label maps -> (B, H, W) padded with `fill`."""
+    h = max(m.shape[-2] for m in masks)
+    w = max(m.shape[-1] for m in masks)
+    out = torch.full((len(masks), h, w), fill, dtype=torch.uint8)
+    for i, m in enumerate(masks):
+        out[i, : m.shape[-2], : m.shape[-1]] = m
     return out
 
 
@@ -164,8 +170,8 @@ class TaskPipeline:
             raise ValueError(f"unknown data task {task!r}; valid: cls, coco, seg, voc")
         self.task, self.train, self.reduce_zero = task, train, reduce_zero
         self.transform = build_transform(task, cfg, train)
-        self.mean = torch.tensor(cfg.mean).view(3, 1, 1) * 255
-        self.std = 1.0 / (torch.tensor(cfg.std).view(3, 1, 1) * 255)  # stored inverted: see _normalise
+        cj = cfg.color_jitter if train else None
+        self.jitter = JitterDraw(cj.brightness, cj.contrast, cj.saturation, cj.hue, cj.p) if cj else None
         self.label_map: dict = {}
         if task in ("coco", "voc"):
             if not classes:
@@ -183,47 +189,37 @@ class TaskPipeline:
         return _voc_record(raw, self.train, self.label_map)
 
     def sample(self, raw: dict[str, Any]) -> dict[str, Any]:
-        return self.transform(self.decode(raw))
-
-    def _images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Normalised (B, 3, H, W); mixed sizes are padded with 0 *after* normalisation, like mmseg."""
-        if all(im.shape == images[0].shape for im in images):
-            return _normalise(torch.stack(images), self.mean, self.std)  # one pass over the whole batch
-        return _pad_stack([_normalise(im, self.mean, self.std) for im in images], 0.0)
+        record = self.transform(self.decode(raw))
+        if self.jitter is not None:
+            record["jitter"] = self.jitter()
+        return record
 
     def collate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self._collate(records)
+        if self.jitter is not None:
+            batch["jitter"] = torch.stack([r["jitter"] for r in records])
+        return batch
+
+    def _collate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         if self.task == "cls":
-            images = self._images([r["image"].as_subclass(torch.Tensor) for r in records])
+            images = stack_images([r["image"].as_subclass(torch.Tensor) for r in records])
             return {"images": images, "labels": torch.tensor([r["label"] for r in records], dtype=torch.int64)}
         if self.task == "seg":
             images = [r["image"].as_subclass(torch.Tensor) for r in records]
             batch = {
-                "images": self._images(images),
-                "masks": _pad_stack([r["mask"].as_subclass(torch.Tensor) for r in records], IGNORE_INDEX).long(),
+                "images": stack_images(images),
+                "masks": stack_masks([r["mask"].as_subclass(torch.Tensor) for r in records], IGNORE_INDEX),
+                "img_sizes": [tuple(im.shape[-2:]) for im in images],
             }
             if not self.train:
                 batch["orig_masks"] = [r["orig_mask"] for r in records]
                 batch["orig_size"] = [tuple(r["orig_mask"].shape) for r in records]
-                batch["img_sizes"] = [tuple(im.shape[-2:]) for im in images]
             return batch
         targets = []
         for r in records:
-            t = {k: v for k, v in r.items() if k != "image"}
+            t = {k: v for k, v in r.items() if k not in ("image", "jitter")}
             t["boxes"] = r["boxes"].as_subclass(torch.Tensor)
             if "masks" in r:
                 t["masks"] = r["masks"].as_subclass(torch.Tensor)
             targets.append(t)
-        images = [_normalise(r["image"].as_subclass(torch.Tensor), self.mean, self.std) for r in records]
-        return {"images": images, "targets": targets}
-
-
-def decode_only(task: str) -> Callable[[dict[str, Any]], int]:
-    """The raw-decode baseline for `bench-data`: decode the image (and seg label map), nothing else."""
-
-    def run(raw: dict[str, Any]) -> int:
-        image = decode_rgb(raw, exclude="png" if task == "seg" else "")
-        if task == "seg":
-            decode_label_map(raw["png"])
-        return int(image.shape[-1])
-
-    return run
+        return {"images": [r["image"].as_subclass(torch.Tensor) for r in records], "targets": targets}

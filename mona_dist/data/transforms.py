@@ -3,19 +3,22 @@
 Samples are dicts holding a `tv_tensors.Image` (uint8) and, per task, `tv_tensors.BoundingBoxes` / `tv_tensors.Mask`,
 so every geometric step moves boxes and masks with the image. Two steps torchvision lacks are defined here:
 `ShortSideResize` (detectron/mmdet keep-ratio resize with a short-side range, a long-side cap and mmseg's ratio jitter)
-and `RandomCropNoPad` (crop at most the image size, with mmseg's cat_max_ratio for seg). Normalisation happens per
-batch in `pipelines.py` (one float op per batch instead of per sample); padding too, after normalisation, like mmseg.
+and `RandomCropNoPad` (crop at most the image size, with mmseg's cat_max_ratio for seg). The steps that touch pixels
+run `kernels.py` (OpenCV, several times faster on uint8) on images and masks and torchvision's kernels on boxes.
+Images stay uint8 to the end: photometric jitter and normalisation run on the device (`preprocess.DataPreprocessor`);
+the worker only draws the jitter's random factors (`JitterDraw`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from . import kernels
 from .config import PipelineConfig
 
 IGNORE_INDEX = 255
@@ -27,6 +30,15 @@ def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
             h, w = F.get_size(inpt)
             return h, w
     raise TypeError("sample has no tv_tensors.Image")
+
+
+def _resize(inpt: Any, size: list[int]) -> Any:
+    """Image and Mask through kernels.py (wrapped back into their tv_tensor class); boxes through torchvision."""
+    if isinstance(inpt, tv_tensors.Image):
+        return tv_tensors.wrap(kernels.resize_image(inpt.as_subclass(torch.Tensor), size), like=inpt)
+    if isinstance(inpt, tv_tensors.Mask):
+        return tv_tensors.wrap(kernels.resize_masks(inpt.as_subclass(torch.Tensor), size), like=inpt)
+    return F.resize(inpt, size=size, antialias=True)
 
 
 class ShortSideResize(v2.Transform):
@@ -56,14 +68,25 @@ class ShortSideResize(v2.Transform):
         return {"size": [max(1, round(h * scale)), max(1, round(w * scale))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
+        return _resize(inpt, params["size"]) if isinstance(inpt, tv_tensors.TVTensor) else inpt
+
+
+class RandomResizedCrop(v2.RandomResizedCrop):
+    """torchvision's RandomResizedCrop (same draws), resizing images and masks through kernels.py."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.TVTensor):
+            return inpt
+        box = {k: params[k] for k in ("top", "left", "height", "width")}
+        return _resize(F.crop(inpt, **box), list(self.size))
 
 
 class RandomCropNoPad(v2.Transform):
     """Random crop of at most (h, w) -- smaller images keep their size and are padded later, per batch.
 
     `cat_max_ratio` (seg): re-draw up to 10 times while one class covers more than this share of the crop's labeled
-    pixels (mmseg RandomCrop). Works on a 2-D `Mask` (seg); detection masks (N, H, W) are only cropped.
+    pixels (mmseg RandomCrop; crops over 65536 pixels are counted on every second row and column). Works on a 2-D
+    `Mask` (seg); detection masks (N, H, W) are only cropped.
     """
 
     def __init__(self, size: tuple[int, int], cat_max_ratio: Optional[float] = None):
@@ -77,22 +100,102 @@ class RandomCropNoPad(v2.Transform):
         left = int(torch.randint(0, w - cw + 1, ()).item())
         return top, left, ch, cw
 
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        h, w = _image_size(flat_inputs)
+    def choose(self, h: int, w: int, label_window: Optional[Callable[[int, int, int, int], torch.Tensor]]
+               ) -> tuple[int, int, int, int]:
+        """(top, left, height, width) on an (h, w) canvas; `label_window(top, left, ch, cw)` gives the labels
+        that crop would hold (for cat_max_ratio)."""
         top, left, ch, cw = self._draw(h, w)
-        label = next((x for x in flat_inputs if isinstance(x, tv_tensors.Mask) and x.ndim == 2), None)
-        if self.cat_max_ratio is not None and self.cat_max_ratio < 1 and label is not None:
+        if self.cat_max_ratio is not None and self.cat_max_ratio < 1 and label_window is not None:
             for _ in range(10):
-                crop = label[top : top + ch, left : left + cw].as_subclass(torch.Tensor)
-                counts = torch.bincount(crop.flatten(), minlength=256)[:IGNORE_INDEX]
+                labels = label_window(top, left, ch, cw)
+                if labels.numel() > 2**16:  # a 2x2-subsampled count: the same decision at a quarter of the cost
+                    labels = labels[::2, ::2]
+                counts = torch.bincount(labels.flatten(), minlength=256)[:IGNORE_INDEX]
                 counts = counts[counts > 0]
                 if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio:
                     break
                 top, left, ch, cw = self._draw(h, w)
+        return top, left, ch, cw
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _image_size(flat_inputs)
+        label = _label_map(flat_inputs)
+        window = None if label is None else lambda t, l, ch, cw: label[t : t + ch, l : l + cw]
+        top, left, ch, cw = self.choose(h, w, window)
         return {"top": top, "left": left, "height": ch, "width": cw}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(F.crop, inpt, **params)
+
+
+class ResizeThenCrop(v2.Transform):
+    """`ShortSideResize` then `RandomCropNoPad` (the same random draws), computed as crop-then-resize.
+
+    Only the source window that the crop keeps is resampled, straight to the crop size: for ADE20K's recipe
+    (resize x0.5-2, crop 512) that is a 512x512 output instead of a whole image up to twice the source's size. The
+    window is the crop mapped back through the resize and rounded to source pixels, so the image, its label map and
+    its boxes all go through exactly the same window and scale; against resize-then-crop the crop can sit up to one
+    source pixel off. cat_max_ratio counts the labels of that source window.
+    """
+
+    def __init__(self, resize: ShortSideResize, crop: RandomCropNoPad):
+        super().__init__()
+        self.resize, self.crop = resize, crop
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _image_size(flat_inputs)
+        rh, rw = self.resize.make_params(flat_inputs)["size"]
+        label = _label_map(flat_inputs)
+
+        def source(top: int, left: int, ch: int, cw: int) -> tuple[int, int, int, int]:
+            y0, x0 = min(h - 1, round(top * h / rh)), min(w - 1, round(left * w / rw))
+            y1, x1 = max(y0 + 1, min(h, round((top + ch) * h / rh))), max(x0 + 1, min(w, round((left + cw) * w / rw)))
+            return y0, x0, y1 - y0, x1 - x0
+
+        def window(top: int, left: int, ch: int, cw: int) -> torch.Tensor:
+            y0, x0, sh, sw = source(top, left, ch, cw)
+            return label[y0 : y0 + sh, x0 : x0 + sw]
+
+        top, left, ch, cw = self.crop.choose(rh, rw, None if label is None else window)
+        y0, x0, sh, sw = source(top, left, ch, cw)
+        return {"window": {"top": y0, "left": x0, "height": sh, "width": sw}, "size": [ch, cw]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.TVTensor):
+            return inpt
+        return _resize(F.crop(inpt, **params["window"]), params["size"])
+
+
+def _label_map(flat_inputs: list[Any]) -> Optional[torch.Tensor]:
+    """The seg label map (a 2-D Mask) among a sample's inputs, as a plain tensor."""
+    label = next((x for x in flat_inputs if isinstance(x, tv_tensors.Mask) and x.ndim == 2), None)
+    return None if label is None else label.as_subclass(torch.Tensor)
+
+
+class JitterDraw:
+    """The draws of `RandomApply([ColorJitter(...)], p)`, made in the worker; the pixels change on the device.
+
+    Photometric jitter is per pixel, so it runs batched on the device (`preprocess.DataPreprocessor`, with
+    torchvision's own float kernels) rather than in the worker, where it cost more than decoding the image (4 full
+    passes over every pixel, the hue one through HSV). The random draws stay here, with the worker's seeded RNG, so
+    the augmentation is still a function of (seed, epoch, rank). One draw is 8 floats: the factors for brightness,
+    contrast, saturation and hue (identity 1, 1, 1, 0 when a component is off or the jitter is skipped), then
+    torchvision's random order of the four.
+    """
+
+    IDENTITY = (1.0, 1.0, 1.0, 0.0)
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0):
+        self.jitter = v2.ColorJitter(brightness, contrast, saturation, hue)
+        self.p = p
+
+    def __call__(self) -> torch.Tensor:
+        if self.p < 1.0 and float(torch.rand(1)) >= self.p:  # v2.RandomApply's rule
+            return torch.tensor([*self.IDENTITY, 0, 1, 2, 3], dtype=torch.float32)
+        params = self.jitter.make_params([])
+        names = ("brightness_factor", "contrast_factor", "saturation_factor", "hue_factor")
+        factors = [ident if params[n] is None else float(params[n]) for n, ident in zip(names, self.IDENTITY)]
+        return torch.tensor([*factors, *params["fn_idx"].tolist()], dtype=torch.float32)
 
 
 def _per_box_fields(sample: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -101,7 +204,8 @@ def _per_box_fields(sample: dict[str, Any]) -> tuple[torch.Tensor, ...]:
 
 
 def build_transform(task: str, cfg: PipelineConfig, train: bool) -> v2.Transform:
-    """The per-sample transform of a split. Eval must be deterministic: random steps there are an error."""
+    """The per-sample geometric transform of a split (`color_jitter` is `JitterDraw`'s, applied on the device).
+    Eval must be deterministic: random steps there are an error."""
     if not train:
         random_steps = [n for n in ("random_resized_crop", "crop", "color_jitter") if getattr(cfg, n) is not None]
         if cfg.flip or (cfg.resize and (not isinstance(cfg.resize.short, int) or cfg.resize.ratio_range)):
@@ -113,16 +217,15 @@ def build_transform(task: str, cfg: PipelineConfig, train: bool) -> v2.Transform
         steps.append(ShortSideResize(cfg.resize.short, cfg.resize.max_size, cfg.resize.ratio_range))
     if cfg.random_resized_crop is not None:
         rrc = cfg.random_resized_crop
-        steps.append(v2.RandomResizedCrop(rrc.size, scale=rrc.scale, antialias=True))
+        steps.append(RandomResizedCrop(rrc.size, scale=rrc.scale, antialias=True))
     if cfg.crop is not None:
-        steps.append(RandomCropNoPad(cfg.crop.size, cfg.crop.cat_max_ratio if task == "seg" else None))
+        crop = RandomCropNoPad(cfg.crop.size, cfg.crop.cat_max_ratio if task == "seg" else None)
+        fuse = steps and isinstance(steps[-1], ShortSideResize)
+        steps.append(ResizeThenCrop(steps.pop(), crop) if fuse else crop)
     if cfg.center_crop is not None:
         steps.append(v2.CenterCrop(cfg.center_crop))
     if cfg.flip > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.flip))
-    if cfg.color_jitter is not None:
-        cj = cfg.color_jitter
-        steps.append(v2.RandomApply([v2.ColorJitter(cj.brightness, cj.contrast, cj.saturation, cj.hue)], p=cj.p))
     if task in ("coco", "voc") and train and cfg.crop is not None:  # only a crop can leave empty boxes behind
         steps.append(v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_box_fields))
     if task == "cls" and cfg.random_resized_crop is None and cfg.center_crop is None and cfg.crop is None:

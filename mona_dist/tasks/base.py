@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from mona_dist.config.loader import ConfigError
+from mona_dist.data.preprocess import DataPreprocessor
 
 if TYPE_CHECKING:
     from mona_dist.config.root import Config
@@ -44,6 +45,16 @@ class Task:
     def check(self, cfg: Config) -> None:
         """Start-up validation of everything task-specific; override to add rules (call super)."""
         self.options(cfg)
+        train, val = cfg.data.pipeline(self.name, "train"), cfg.data.pipeline(self.name, "val")
+        for key in ("mean", "std"):  # the model normalises every batch, so both splits need the same values
+            if getattr(train, key) != getattr(val, key):
+                raise ConfigError(f"data.eval_pipeline.{key}", f"{getattr(val, key)} differs from the train "
+                                  f"pipeline's {getattr(train, key)}; the model normalises both splits alike")
+
+    def preprocessor(self, cfg: Config) -> DataPreprocessor:
+        """The model's on-device jitter + normalisation, with the pipelines' mean and std (`mona_dist.data.preprocess`)."""
+        pipeline = cfg.data.pipeline(self.name, "train")
+        return DataPreprocessor(pipeline.mean, pipeline.std)
 
     def build_model(self, cfg: Config) -> nn.Module:
         """The whole model: `model.backbone` is the Backbone; `model(batch)` in training mode returns a dict of

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mona_dist.config.loader import ConfigError
+from mona_dist.data.preprocess import DataPreprocessor
 from mona_dist.models import Backbone, build_backbone
 from mona_dist.tasks.base import Task, register_task
 
@@ -30,8 +31,10 @@ class ClsHeadOptions(BaseModel):
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone: Backbone, num_classes: int, head: ClsHeadOptions):
+    def __init__(self, backbone: Backbone, num_classes: int, head: ClsHeadOptions,
+                 preprocessor: DataPreprocessor | None = None):
         super().__init__()
+        self.preprocess = preprocessor or DataPreprocessor()
         self.backbone = backbone
         self.dropout = nn.Dropout(head.dropout)
         self.head = nn.Linear(backbone.out_channels[-1], num_classes)
@@ -44,7 +47,7 @@ class Classifier(nn.Module):
         return self.head(self.dropout(pooled))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = self.logits(batch["images"])
+        logits = self.logits(self.preprocess(batch["images"], jitter=batch.get("jitter")))
         if not self.training:
             return {"logits": logits}
         loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
@@ -73,7 +76,7 @@ class ClsTask(Task):
                                   # a classifier reads only the last stage; the others would be computed for nothing
                                   out_indices=tuple(m.out_indices) if m.out_indices is not None else (-1,),
                                   drop_path_rate=m.drop_path_rate, **m.method_options)
-        return Classifier(backbone, m.num_classes, self.options(cfg))
+        return Classifier(backbone, m.num_classes, self.options(cfg), self.preprocessor(cfg))
 
     @torch.no_grad()
     def evaluate(self, model: Callable[[Any], Any], loader: Any, dist) -> dict[str, float]:

@@ -25,6 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..data.preprocess import DataPreprocessor
 from ..models import build_backbone
 from .base import Task, register_task, unwrap
 from .heads import class_count
@@ -54,6 +55,7 @@ def build_mask_rcnn(
     method: str,
     num_classes: int,
     head: CocoHeadOptions | dict | None = None,
+    preprocessor: DataPreprocessor | None = None,
     **backbone_kwargs,
 ) -> Detector:
     """Mask R-CNN for `num_classes` object classes (labels 1..K; torchvision adds background 0)."""
@@ -79,7 +81,7 @@ def build_mask_rcnn(
         box_score_thresh=head.score_thresh,
         box_detections_per_img=head.detections_per_img,
     )
-    return Detector(model, mask_thresh=head.mask_thresh)
+    return Detector(model, mask_thresh=head.mask_thresh, preprocessor=preprocessor)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ class CocoTask(Task):
         return build_mask_rcnn(
             m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
             drop_path_rate=m.drop_path_rate, out_indices=tuple(m.out_indices) if m.out_indices else None,
-            **m.method_options,
+            preprocessor=self.preprocessor(cfg), **m.method_options,
         )
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:

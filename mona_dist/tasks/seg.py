@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict as PydanticConfig, Field
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.preprocess import DataPreprocessor
 from ..models import BACKBONES, build_backbone
 from . import mmseg_compat
 from .base import Task, register_task, unwrap
@@ -127,8 +128,9 @@ class SegModel(nn.Module):
     cropped to the unpadded image, resized bilinearly, then argmax: mmseg's `postprocess_result`).
     """
 
-    def __init__(self, net: nn.Module, ignore_index: int = 255):
+    def __init__(self, net: nn.Module, ignore_index: int = 255, preprocessor: DataPreprocessor | None = None):
         super().__init__()
+        self.preprocess = preprocessor or DataPreprocessor()
         self.net = net
         self.num_classes = net.num_classes
         self.ignore_index = ignore_index
@@ -144,7 +146,8 @@ class SegModel(nn.Module):
         # Pad to /32 (mmseg's SegDataPreProcessor size_divisor): the trunk needs sizes divisible by its patch and
         # every stage of a 4-level pyramid; padding is cut off the logits again below.
         pad = (0, -w0 % self.size_divisor, 0, -h0 % self.size_divisor)
-        images = F.pad(batch["images"], pad, value=0.0)
+        images = self.preprocess(batch["images"], batch.get("img_sizes"), batch.get("jitter"))
+        images = F.pad(images, pad, value=0.0)
         shape = tuple(images.shape[-2:])
         meta = dict(ori_shape=shape, img_shape=shape, pad_shape=shape, padding_size=[0, 0, 0, 0])
         if not self.training:
@@ -159,7 +162,7 @@ class SegModel(nn.Module):
         from mmengine.structures import PixelData
         from mmseg.structures import SegDataSample
 
-        masks = F.pad(batch["masks"], pad, value=self.ignore_index)
+        masks = F.pad(batch["masks"].long(), pad, value=self.ignore_index)
         samples = [SegDataSample(gt_sem_seg=PixelData(data=m[None]), metainfo=meta) for m in masks]
         raw = self.net.loss(images, samples)
         out = {k.replace(".", "_"): v.reshape(()) for k, v in raw.items()}
@@ -172,6 +175,7 @@ def build_segmentor(
     method: str,
     num_classes: int,
     head: SegHeadOptions | dict | None = None,
+    preprocessor: DataPreprocessor | None = None,
     **backbone_kwargs,
 ) -> SegModel:
     """UperNet (+ aux FCN head) on `backbone` tuned by `method`, built through mmseg's registry."""
@@ -193,7 +197,7 @@ def build_segmentor(
         module = getattr(net, name, None)
         if module is not None and module.init_cfg:
             initialize(module, module.init_cfg)
-    return SegModel(net, head.ignore_index)
+    return SegModel(net, head.ignore_index, preprocessor)
 
 
 # ---- metric ---------------------------------------------------------------------------------------------------
@@ -256,6 +260,7 @@ class SegTask(Task):
         return build_segmentor(
             m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
             drop_path_rate=m.drop_path_rate, out_indices=m.out_indices, method_options=m.method_options,
+            preprocessor=self.preprocessor(cfg),
         )
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:

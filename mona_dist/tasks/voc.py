@@ -24,6 +24,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from ..data.preprocess import DataPreprocessor
 from ..models import BACKBONES, build_backbone
 from .base import Task, register_task
 from .heads import class_count
@@ -49,6 +50,7 @@ def build_retinanet(
     method: str,
     num_classes: int,
     head: VocHeadOptions | dict | None = None,
+    preprocessor: DataPreprocessor | None = None,
     **backbone_kwargs,
 ) -> Detector:
     """RetinaNet for `num_classes` object classes (labels 1..K; index 0 stays unused, as torchvision counts)."""
@@ -75,7 +77,7 @@ def build_retinanet(
         score_thresh=head.score_thresh,
         detections_per_img=head.detections_per_img,
     )
-    return Detector(model)
+    return Detector(model, preprocessor=preprocessor)
 
 
 # ---- VOC07 mAP --------------------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class VocTask(Task):
         return build_retinanet(
             m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
             drop_path_rate=m.drop_path_rate, out_indices=tuple(m.out_indices) if m.out_indices else (1, 2, 3),
-            **m.method_options,
+            preprocessor=self.preprocessor(cfg), **m.method_options,
         )
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:

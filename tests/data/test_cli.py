@@ -62,3 +62,13 @@ def test_bench_data_json(synth, tmp_path, capsys):
     assert row["pipeline_images_per_s"] > 0 and row["decode_images_per_s"] > 0
     # the ratio is printed to 3 decimals: on a loaded machine it can be ~0.006, where rounding alone exceeds 1 %
     assert row["ratio"] == pytest.approx(row["pipeline_images_per_s"] / row["decode_images_per_s"], rel=0.01, abs=6e-4)
+    assert row["device"] == "cpu" and row["device_preprocess_images_per_s"] > 0  # the model's half, timed apart
+
+
+def test_bench_data_times_the_device_jitter(synth, capsys):
+    # the seg recipe has a colour jitter: its draws travel with the batch and the device half applies them
+    spec = os.path.join(synth("ade20k"), "shards", "train.index.json")
+    assert main(["bench-data", "--shards", spec, "--task", "seg", "--workers", "0", "--batches", "2",
+                 "--batch-size", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio" in out and "on the device (cpu): jitter + normalisation" in out

@@ -57,6 +57,30 @@ def test_build_model_trains_adapters_and_head_only():
     assert "head.weight" in trainable and not any("patch_embed" in n for n in trainable)
 
 
+def test_the_model_normalises_uint8_batches_with_the_configured_statistics():
+    cfg = validate({"task": "cls", "data": {"train_shards": "x", "train_pipeline": {
+                        "random_resized_crop": {"size": 32}, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+                        "eval_pipeline": {"center_crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}},
+                    "model": {"backbone": "swin_nano_patch4_window7", "method": "mona", "num_classes": 3}})
+    task = TASKS.get("cls")
+    task.check(cfg)
+    model = task.build_model(cfg).eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():  # a uint8 batch and its by-hand normalisation give the same logits
+        assert torch.allclose(model({"images": pixels})["logits"],
+                              model({"images": (pixels.float() / 255 - 0.5) / 0.25})["logits"], atol=1e-5)
+
+
+def test_train_and_eval_pipelines_must_share_mean_and_std():
+    from mona_dist.config.loader import ConfigError
+
+    cfg = validate({"task": "cls", "data": {"train_shards": "x", "eval_pipeline": {"center_crop": 32,
+                                                                                  "mean": [0.5, 0.5, 0.5]}},
+                    "model": {"backbone": "swin_nano_patch4_window7", "method": "mona", "num_classes": 3}})
+    with pytest.raises(ConfigError, match=r"data\.eval_pipeline\.mean: .* differs from the train pipeline"):
+        TASKS.get("cls").check(cfg)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

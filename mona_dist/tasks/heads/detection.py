@@ -1,11 +1,12 @@
 """torchvision detectors fed by mona_dist's detection pipeline, with results mapped back to the original image.
 
-The pipeline (mona_dist.data) already resizes, pads nothing and normalises each image, and its targets are in the
-resized image's pixels. torchvision's `GeneralizedRCNNTransform` would normalise and resize again, and its
-postprocess maps results back to the size the *model* was given. `PrenormalizedTransform` keeps only what is still
-needed (batching with padding to `size_divisible`) and hands postprocessing to `Detector`, which knows each
-image's `orig_size` and maps boxes and masks to it with torchvision's own postprocess (masks are pasted directly
-at the original resolution, as mmdet does with `rescale=True`).
+The pipeline (mona_dist.data) already resizes and pads nothing, and its targets are in the resized image's pixels;
+`Detector` normalises the uint8 images on the device (`DataPreprocessor`). torchvision's `GeneralizedRCNNTransform`
+would normalise and resize again, and its postprocess maps results back to the size the *model* was given.
+`PrenormalizedTransform` keeps only what is still needed (batching with padding to `size_divisible`) and hands
+postprocessing to `Detector`, which knows each image's `orig_size` and maps boxes and masks to it with
+torchvision's own postprocess (masks are pasted directly at the original resolution, as mmdet does with
+`rescale=True`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from mona_dist.data.preprocess import DataPreprocessor
 
 
 class PrenormalizedTransform(GeneralizedRCNNTransform):
@@ -33,7 +36,7 @@ class PrenormalizedTransform(GeneralizedRCNNTransform):
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if not image.is_floating_point():
-            raise TypeError(f"detection images must be float (normalised by the data pipeline), got {image.dtype}")
+            raise TypeError(f"detection images must be float (normalised by Detector.preprocess), got {image.dtype}")
         return image
 
     def resize(self, image, target=None):
@@ -59,8 +62,9 @@ class Detector(nn.Module):
     the image's original pixels.
     """
 
-    def __init__(self, detector: nn.Module, mask_thresh: float = 0.5):
+    def __init__(self, detector: nn.Module, mask_thresh: float = 0.5, preprocessor: DataPreprocessor | None = None):
         super().__init__()
+        self.preprocess = preprocessor or DataPreprocessor()
         self.mask_thresh = mask_thresh  # for evaluation: binarises pasted mask probabilities
         if not isinstance(detector.transform, PrenormalizedTransform):
             detector.transform = PrenormalizedTransform()
@@ -72,7 +76,7 @@ class Detector(nn.Module):
         return self.detector.backbone.body
 
     def forward(self, batch: dict) -> dict | list[dict]:
-        images, targets = batch["images"], batch.get("targets")
+        images, targets = self.preprocess(batch["images"], jitter=batch.get("jitter")), batch.get("targets")
         if self.training:
             losses = self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"], **_masks(t)} for t in targets])
             return {"loss": sum(losses.values()), **losses}
