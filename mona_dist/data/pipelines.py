@@ -135,30 +135,25 @@ def _cls_record(sample: dict, train: bool) -> dict[str, Any]:
     return {"image": tv_tensors.Image(decode_rgb(sample)), "label": label}
 
 
+def pad_stack(tensors: list[torch.Tensor], fill: int) -> torch.Tensor:
+    """uint8 (h, w, ...) tensors -> (B, H, W, ...), padded with `fill` at the bottom/right where sizes differ."""
+    h = max(t.shape[0] for t in tensors)
+    w = max(t.shape[1] for t in tensors)
+    out = torch.empty((len(tensors), h, w, *tensors[0].shape[2:]), dtype=torch.uint8)
+    if any(t.shape[:2] != (h, w) for t in tensors):
+        out.fill_(fill)
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0], : t.shape[1]] = t
+    return out
+
+
 def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     """uint8 (3, h, w) images -> (B, 3, H, W) padded with 0 at the bottom/right, channels-last in memory.
 
     Decoded images are (3, h, w) views of interleaved (h, w, 3) memory, so an interleaved batch is filled by plain
     row copies; models take it as is (convolutions accept channels-last input, and on CUDA prefer it).
     """
-    h = max(im.shape[-2] for im in images)
-    w = max(im.shape[-1] for im in images)
-    out = torch.empty((len(images), h, w, images[0].shape[0]), dtype=torch.uint8)
-    if any(im.shape[-2:] != (h, w) for im in images):
-        out.zero_()
-    for i, im in enumerate(images):
-        out[i, : im.shape[-2], : im.shape[-1]] = im.permute(1, 2, 0)
-    return out.permute(0, 3, 1, 2)
-
-
-def stack_masks(masks: list[torch.Tensor], fill: int) -> torch.Tensor:
-    """uint8 (h, w) label maps -> (B, H, W) padded with `fill`."""
-    h = max(m.shape[-2] for m in masks)
-    w = max(m.shape[-1] for m in masks)
-    out = torch.full((len(masks), h, w), fill, dtype=torch.uint8)
-    for i, m in enumerate(masks):
-        out[i, : m.shape[-2], : m.shape[-1]] = m
-    return out
+    return pad_stack([im.permute(1, 2, 0) for im in images], 0).permute(0, 3, 1, 2)
 
 
 class TaskPipeline:
@@ -208,7 +203,7 @@ class TaskPipeline:
             images = [r["image"].as_subclass(torch.Tensor) for r in records]
             batch = {
                 "images": stack_images(images),
-                "masks": stack_masks([r["mask"].as_subclass(torch.Tensor) for r in records], IGNORE_INDEX),
+                "masks": pad_stack([r["mask"].as_subclass(torch.Tensor) for r in records], IGNORE_INDEX),
                 "img_sizes": [tuple(im.shape[-2:]) for im in images],
             }
             if not self.train:

@@ -52,7 +52,7 @@ class DataPreprocessor(nn.Module):
         return f"mean={self.mean}, std={self.std}"
 
     def _one(self, image: torch.Tensor, draw: Optional[torch.Tensor]) -> torch.Tensor:
-        """uint8 (3, h, w) -> normalised float32."""
+        """uint8 (..., 3, h, w) -> normalised float32; `draw` (one image only) jitters it first."""
         x = image.float().div_(255)
         if draw is not None:
             x = apply_jitter(x, draw)
@@ -74,12 +74,9 @@ class DataPreprocessor(nn.Module):
             raise TypeError(f"images must be uint8 pixels or normalised floats, got {images.dtype}")
         sizes = img_sizes or [tuple(images.shape[-2:])] * len(images)
         if jitter is None and all(tuple(s) == tuple(images.shape[-2:]) for s in sizes):
-            out = self._one_batch(images)  # the common case in one pass
+            out = self._one(images, None)  # the common case in one pass
         else:
             out = images.new_zeros(images.shape, dtype=torch.float32)
             for i, (h, w) in enumerate(sizes):  # jitter statistics (contrast's mean) see only the valid pixels
                 out[i, :, :h, :w] = self._one(images[i, :, :h, :w], None if jitter is None else jitter[i])
         return out.to(self.dtype_probe.dtype)
-
-    def _one_batch(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(images.float().div_(255), list(self.mean), list(self.std))

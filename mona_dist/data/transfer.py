@@ -13,7 +13,7 @@ images stay channels-last). Batches made in the main process (workers=0) are nev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,15 +40,15 @@ class Packed:
         return Packed(self.block.pin_memory(), self.tree)
 
 
-def _tensors(obj: Any, out: list[torch.Tensor]) -> None:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _tensors(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _tensors(v, out)
+def _map(obj: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
+    """`obj` (nested dicts/lists/tuples) with every `leaf`-typed value replaced by `fn(value)`."""
+    if isinstance(obj, leaf):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, leaf, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(v, leaf, fn) for v in obj)
+    return obj
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -64,53 +64,33 @@ def _dense(t: torch.Tensor) -> bool:
 
 def pack(batch: Any) -> Packed:
     """Copy every tensor in `batch` (nested dicts/lists/tuples) into one shared uint8 block."""
-    tensors: list[torch.Tensor] = []
-    _tensors(batch, tensors)
-    layouts, size = [], 0
-    for t in tensors:
-        t_dense = t if _dense(t) else t.contiguous()
-        layouts.append((t_dense, size))
-        size += -(-t_dense.numel() * t_dense.element_size() // _ALIGN) * _ALIGN
+    copies: list[tuple[_Slot, torch.Tensor]] = []
+    size = 0
+
+    def place(t: torch.Tensor) -> _Slot:
+        nonlocal size
+        dense = t if _dense(t) else t.contiguous()
+        slot = _Slot(size, dense.dtype, tuple(dense.shape), tuple(dense.stride()))
+        copies.append((slot, dense))
+        size += -(-dense.numel() * dense.element_size() // _ALIGN) * _ALIGN
+        return slot
+
+    tree = _map(batch, torch.Tensor, place)
     block = torch.empty(size, dtype=torch.uint8).share_memory_()
-    slots: dict[int, _Slot] = {}
-    for t, (dense, offset) in zip(tensors, layouts):
-        view = _view(block, _Slot(offset, dense.dtype, tuple(dense.shape), tuple(dense.stride())))
-        view.copy_(dense)
-        slots[id(t)] = _Slot(offset, dense.dtype, tuple(dense.shape), tuple(dense.stride()))
-    return Packed(block, _replace(batch, slots))
-
-
-def _replace(obj: Any, slots: dict[int, _Slot]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return slots[id(obj)]
-    if isinstance(obj, dict):
-        return {k: _replace(v, slots) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_replace(v, slots) for v in obj)
-    return obj
+    for slot, dense in copies:
+        _view(block, slot).copy_(dense)
+    return Packed(block, tree)
 
 
 def _view(block: torch.Tensor, slot: _Slot) -> torch.Tensor:
-    nbytes = max((n - 1) * s for n, s in zip(slot.shape, slot.stride)) + 1 if all(slot.shape) else 0
-    nbytes *= torch.empty((), dtype=slot.dtype).element_size()
-    raw = block[slot.offset : slot.offset + nbytes]
-    if nbytes == 0:
+    if not all(slot.shape):
         return torch.empty(slot.shape, dtype=slot.dtype)
-    return raw.view(slot.dtype).as_strided(slot.shape, slot.stride)
+    nbytes = (sum((n - 1) * s for n, s in zip(slot.shape, slot.stride)) + 1) * slot.dtype.itemsize
+    return block[slot.offset : slot.offset + nbytes].view(slot.dtype).as_strided(slot.shape, slot.stride)
 
 
 def unpack(obj: Any) -> Any:
     """The batch `pack` was given, its tensors now views into the (shared or pinned) block."""
     if not isinstance(obj, Packed):
         return obj
-
-    def rebuild(x: Any) -> Any:
-        if isinstance(x, _Slot):
-            return _view(obj.block, x)
-        if isinstance(x, dict):
-            return {k: rebuild(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(rebuild(v) for v in x)
-        return x
-
-    return rebuild(obj.tree)
+    return _map(obj.tree, _Slot, lambda slot: _view(obj.block, slot))

@@ -77,8 +77,7 @@ class RandomResizedCrop(v2.RandomResizedCrop):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, tv_tensors.TVTensor):
             return inpt
-        box = {k: params[k] for k in ("top", "left", "height", "width")}
-        return _resize(F.crop(inpt, **box), list(self.size))
+        return _resize(F.crop(inpt, **params), list(self.size))  # params: top, left, height, width
 
 
 class RandomCropNoPad(v2.Transform):

@@ -24,11 +24,16 @@ VARIANTS = [
 ]
 
 
+def spawn_variants(tmp_path_factory, worker, variants: list[dict]) -> dict:
+    """Runs `worker` on 2 ranks over `variants`; rank 0's results, keyed by variant."""
+    out = tmp_path_factory.mktemp(worker.__name__) / "results.pt"
+    mp.spawn(worker, args=(2, free_port(), variants, str(out)), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "results.pt"
-    mp.spawn(run_variants, args=(2, free_port(), VARIANTS, str(out)), nprocs=2, join=True)
-    return torch.load(out, weights_only=True)
+    return spawn_variants(tmp_path_factory, run_variants, VARIANTS)
 
 
 @pytest.mark.slow
@@ -81,9 +86,7 @@ SWIN_VARIANTS = [
 
 @pytest.fixture(scope="module")
 def swin_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("swin") / "results.pt"
-    mp.spawn(run_swin_mona, args=(2, free_port(), SWIN_VARIANTS, str(out)), nprocs=2, join=True)
-    return torch.load(out, weights_only=True)
+    return spawn_variants(tmp_path_factory, run_swin_mona, SWIN_VARIANTS)
 
 
 @pytest.mark.slow
