@@ -7,8 +7,9 @@ their polygons/RLE). The pipeline adds the augmentations and the collate on top,
 Both are measured in alternating rounds on live iterators, so machine noise hits both alike; the first batch of
 each (worker start-up) is not timed.
 
-Normalisation and photometric jitter run on the device, in the model (`preprocess.DataPreprocessor`), so neither
-rate includes them; their own rate on `device` is measured on the same batches and reported next to the ratio.
+Normalisation, photometric jitter and (detection) the resize run on the device, in the model
+(`preprocess.DataPreprocessor`), so neither rate includes them; their own rate on `device` is measured on the same
+batches and reported next to the ratio.
 """
 
 from __future__ import annotations
@@ -72,22 +73,32 @@ def bench_data(shards: str, task: str, *, workers: int = 2, batches: int = 60, b
 
 
 def _device_rate(cfg: PipelineConfig, batches: list[dict], device: Optional[str]) -> tuple[float, str]:
-    """Images/s of the model's DataPreprocessor (jitter + normalisation) on `device` (default: CUDA if present)."""
+    """Images/s of the model's DataPreprocessor (jitter + normalisation; detection: + resize of images, boxes and
+    masks) on `device` (default: CUDA if present)."""
     import torch
 
     from .preprocess import DataPreprocessor
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pre = DataPreprocessor(cfg.mean, cfg.std).to(dev)
-    moved = []
-    for b in batches:
-        images = b["images"]
-        moved.append(([im.to(dev) for im in images] if isinstance(images, list) else images.to(dev),
-                      b.get("img_sizes"), None if b.get("jitter") is None else b["jitter"].to(dev)))
+
+    def move(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.to(dev)
+        if isinstance(obj, dict):
+            return {k: move(v) for k, v in obj.items()}
+        return [move(v) for v in obj] if isinstance(obj, list) else obj
+
+    def run(batch: dict) -> Any:
+        if "targets" in batch:
+            return pre.detection(batch)
+        return pre(batch["images"], batch.get("img_sizes"), batch.get("jitter"))
+
+    moved = [move(b) for b in batches]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    pre(*moved[0]), sync()  # warm-up
+    run(moved[0]), sync()  # warm-up
     t0 = time.perf_counter()
-    for args in moved:
-        pre(*args)
+    for batch in moved:
+        run(batch)
     sync()
-    return sum(len(m[0]) for m in moved) / (time.perf_counter() - t0), str(dev)
+    return sum(len(b["images"]) for b in moved) / (time.perf_counter() - t0), str(dev)

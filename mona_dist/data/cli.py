@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batches", type=int, default=60, help="timed batches per side")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--pipeline", help="YAML file holding a train PipelineConfig (default: the task's recipe)")
-    b.add_argument("--device", help="where to time the model's jitter + normalisation (default: cuda if present)")
+    b.add_argument("--device", help="where to time the model's preprocessing (jitter, normalisation, detection "
+                   "resize; default: cuda if present)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=bench)
 
@@ -121,6 +122,5 @@ def bench(args: argparse.Namespace) -> int:
         print(f"{args.task} on {args.shards} ({args.workers} workers, batch {args.batch_size}):")
         print(f"  pipeline {row['pipeline_images_per_s']:.1f} img/s ({row['pipeline_images_per_s_per_worker']:.1f}"
               f"/worker)  raw decode {row['decode_images_per_s']:.1f} img/s  ratio {row['ratio']:.2f}x")
-        print(f"  on the device ({row['device']}): jitter + normalisation {row['device_preprocess_images_per_s']:.1f}"
-              " img/s")
+        print(f"  on the device ({row['device']}): preprocessing {row['device_preprocess_images_per_s']:.1f} img/s")
     return 0

@@ -5,10 +5,13 @@
         (reduce_zero_label like mmseg); "img_sizes" lists each image's valid, unpadded (h, w). Eval adds
         "orig_masks" (list of int64 (H0,W0), the untouched label maps after reduce_zero_label) and "orig_size":
         evaluate by cropping logits to img_sizes[i], resizing to orig_size[i] and comparing with orig_masks[i].
-  coco  {"images": list of uint8 (3,h,w), "targets": list of {boxes, labels 1..K, masks uint8 (N,h,w), image_id,
-        orig_size, iscrowd, area}}; training targets exclude crowd regions, eval targets keep them (iscrowd=True)
-  voc   same with {boxes, labels, difficult, image_id, orig_size}; training targets exclude difficult objects
+  coco  {"images": list of uint8 (3,h,w), "targets": list of {boxes, labels 1..K, masks uint8 (N,h,w), size,
+        image_id, orig_size, iscrowd, area}}; training targets exclude crowd regions, eval targets keep them
+  voc   same with {boxes, labels, difficult, size, image_id, orig_size}; training targets exclude difficult objects
         (mmdet's rule), eval targets keep them. VOC's 1-based inclusive boxes become [x1-1, y1-1, x2, y2].
+        Boxes and masks are in the pixels of the image as it travels; "size" is the (h, w) the model resizes
+        image, boxes and masks to on its device (`transforms.DrawSize`): without a crop in the pipeline, detection
+        images travel at their stored size.
 Images leave the workers as uint8 pixels (a quarter of float32's bytes through shared memory, pinning and the host
 to device copy); the model normalises them on its device and zeroes the padding (`preprocess.DataPreprocessor`, as
 mmseg/mmdet 1.x's data preprocessors do). Batches are padded (cls/seg) with pixel 0 and label 255. With a
@@ -214,6 +217,7 @@ class TaskPipeline:
         for r in records:
             t = {k: v for k, v in r.items() if k not in ("image", "jitter")}
             t["boxes"] = r["boxes"].as_subclass(torch.Tensor)
+            t.setdefault("size", tuple(r["image"].shape[-2:]))
             if "masks" in r:
                 t["masks"] = r["masks"].as_subclass(torch.Tensor)
             targets.append(t)

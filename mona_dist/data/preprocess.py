@@ -5,6 +5,10 @@ every task model starts its forward with a `DataPreprocessor`, the role mmseg/mm
 `data_preprocessor`. On the device the per-pixel work is batched GPU arithmetic, and a quarter of float32's bytes
 cross shared memory, pinned buffers and PCIe.
 
+Detection images may also arrive at their stored size with a target size drawn by the worker
+(`transforms.DrawSize`); `DataPreprocessor.detection` resizes them and their boxes and masks here, as
+torchvision's GeneralizedRCNNTransform does.
+
 Floating-point images are taken as already normalised and pass through unchanged, so hand-made float batches (the
 benchmark's, a user's own loader) keep working.
 """
@@ -51,23 +55,34 @@ class DataPreprocessor(nn.Module):
     def extra_repr(self) -> str:
         return f"mean={self.mean}, std={self.std}"
 
-    def _one(self, image: torch.Tensor, draw: Optional[torch.Tensor]) -> torch.Tensor:
-        """uint8 (..., 3, h, w) -> normalised float32; `draw` (one image only) jitters it first."""
-        x = image.float().div_(255)
+    def _one(self, image: torch.Tensor, draw: Optional[torch.Tensor], size: Optional[Sequence[int]] = None
+             ) -> torch.Tensor:
+        """uint8 (..., 3, h, w) -> normalised float32; resized to `size` first, then jittered with `draw` (one
+        image only) -- the order the worker's steps had."""
+        x = image.float()
+        if size is not None and tuple(size) != tuple(x.shape[-2:]):
+            x = resize_pixels(x, size)
+        x = x.div_(255)
         if draw is not None:
             x = apply_jitter(x, draw)
         return F.normalize(x, list(self.mean), list(self.std))
 
     def forward(self, images: torch.Tensor | list[torch.Tensor], img_sizes: Optional[Sequence[Sequence[int]]] = None,
-                jitter: Optional[torch.Tensor] = None) -> torch.Tensor | list[torch.Tensor]:
+                jitter: Optional[torch.Tensor] = None, sizes: Optional[Sequence[Sequence[int]]] = None
+                ) -> torch.Tensor | list[torch.Tensor]:
         """A (B, 3, H, W) batch, where `img_sizes` gives each image's valid (h, w) (the rest is padding), or a list
-        of (3, h, w) images; `jitter` holds one `JitterDraw` row per image."""
+        of (3, h, w) images, each resized to `sizes[i]` when given; `jitter` holds one `JitterDraw` row per image."""
         if jitter is not None:
             jitter = jitter.detach().float().cpu()  # 8 numbers per image, read as Python floats: one transfer
         if isinstance(images, (list, tuple)):
-            return [im if im.is_floating_point() else
-                    self._one(im, None if jitter is None else jitter[i]).to(self.dtype_probe.dtype)
-                    for i, im in enumerate(images)]
+            out = []
+            for i, im in enumerate(images):
+                size = None if sizes is None else sizes[i]
+                if im.is_floating_point():  # already normalised: only resized
+                    out.append(im if size is None or tuple(size) == tuple(im.shape[-2:]) else resize_pixels(im, size))
+                else:
+                    out.append(self._one(im, None if jitter is None else jitter[i], size).to(self.dtype_probe.dtype))
+            return out
         if images.is_floating_point():
             return images
         if images.dtype != torch.uint8:
@@ -80,3 +95,39 @@ class DataPreprocessor(nn.Module):
             for i, (h, w) in enumerate(sizes):  # jitter statistics (contrast's mean) see only the valid pixels
                 out[i, :, :h, :w] = self._one(images[i, :, :h, :w], None if jitter is None else jitter[i])
         return out.to(self.dtype_probe.dtype)
+
+    def detection(self, batch: dict) -> tuple[list[torch.Tensor], Optional[list[dict]]]:
+        """A detection batch -> (normalised images at each target's "size", targets with boxes and masks resized
+        to match). The worker only drew the sizes (`transforms.DrawSize`); a target without "size" keeps its
+        image's size."""
+        images, targets = batch["images"], batch.get("targets")
+        if targets is None:
+            return self(images, jitter=batch.get("jitter")), None
+        sizes = [tuple(int(v) for v in t.get("size", im.shape[-2:])) for t, im in zip(targets, images)]
+        out = self(images, jitter=batch.get("jitter"), sizes=sizes)
+        return out, [resize_target(t, im.shape[-2:], size) for t, im, size in zip(targets, images, sizes)]
+
+
+def resize_pixels(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Float (..., C, h, w) -> (..., C, *size): bilinear with half-pixel centres (the workers' cv2 INTER_LINEAR),
+    antialiased when a side shrinks (`kernels.resize_image` does so below half size)."""
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.resize_image(x, list(size), antialias=shrink)
+
+
+def resize_target(target: dict, src: Sequence[int], dst: Sequence[int]) -> dict:
+    """A detection target's boxes and instance masks moved from an (h, w) = `src` image to `dst`.
+
+    Boxes scale per axis (what torchvision's resize_bounding_boxes computes); masks use nearest with half-pixel
+    centres, as the workers' `kernels.resize_masks`.
+    """
+    if tuple(src) == tuple(dst):
+        return target
+    out = dict(target, size=tuple(dst))
+    sy, sx = dst[0] / src[0], dst[1] / src[1]
+    out["boxes"] = target["boxes"] * target["boxes"].new_tensor([sx, sy, sx, sy])
+    masks = target.get("masks")
+    if masks is not None:
+        out["masks"] = (masks.new_zeros((masks.shape[0], *dst)) if masks.shape[0] == 0 else
+                        torch.nn.functional.interpolate(masks[None], size=tuple(dst), mode="nearest-exact")[0])
+    return out

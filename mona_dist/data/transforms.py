@@ -71,6 +71,19 @@ class ShortSideResize(v2.Transform):
         return _resize(inpt, params["size"]) if isinstance(inpt, tv_tensors.TVTensor) else inpt
 
 
+class DrawSize(ShortSideResize):
+    """`ShortSideResize`'s draw without the resampling: the sample gets `"size"`, the (h, w) the model resizes to.
+
+    Detection pipelines without a crop use this, so images, boxes and masks leave the worker at their stored size
+    and the model resizes them on its device (`preprocess.DataPreprocessor.detection`), as torchvision's
+    GeneralizedRCNNTransform does. Upscaling COCO's ~480x640 images to 800x1333 cost the worker as much as decoding
+    them; on the device it is one batched bilinear pass. Flips commute with the resize, so they stay in the worker.
+    """
+
+    def forward(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return {**sample, "size": tuple(self.make_params([sample["image"]])["size"])}
+
+
 class RandomResizedCrop(v2.RandomResizedCrop):
     """torchvision's RandomResizedCrop (same draws), resizing images and masks through kernels.py."""
 
@@ -213,13 +226,16 @@ def build_transform(task: str, cfg: PipelineConfig, train: bool) -> v2.Transform
             raise ValueError(f"eval_pipeline must be deterministic; remove: {', '.join(random_steps)}")
     steps: list[v2.Transform] = []
     if cfg.resize is not None:
-        steps.append(ShortSideResize(cfg.resize.short, cfg.resize.max_size, cfg.resize.ratio_range))
+        # detection without a crop: the worker only draws the size, the model resizes (see DrawSize)
+        defer = task in ("coco", "voc") and cfg.crop is None and cfg.random_resized_crop is None and not cfg.center_crop
+        steps.append((DrawSize if defer else ShortSideResize)(cfg.resize.short, cfg.resize.max_size,
+                                                               cfg.resize.ratio_range))
     if cfg.random_resized_crop is not None:
         rrc = cfg.random_resized_crop
         steps.append(RandomResizedCrop(rrc.size, scale=rrc.scale, antialias=True))
     if cfg.crop is not None:
         crop = RandomCropNoPad(cfg.crop.size, cfg.crop.cat_max_ratio if task == "seg" else None)
-        fuse = steps and isinstance(steps[-1], ShortSideResize)
+        fuse = steps and type(steps[-1]) is ShortSideResize
         steps.append(ResizeThenCrop(steps.pop(), crop) if fuse else crop)
     if cfg.center_crop is not None:
         steps.append(v2.CenterCrop(cfg.center_crop))

@@ -140,7 +140,7 @@ def evaluate_voc(model, loader, num_classes: int, iou_thresh: float = 0.5) -> di
     """Every rank predicts its share; rank 0 gathers (detections, ground truth) per image and scores VOC07 mAP."""
     mine = []
     for target, pred, size in predict_dataset(model, loader):
-        # Ground truth comes in the resized image's pixels, predictions in the original's: score at the original.
+        # Ground truth comes in the pixels of the image as loaded, predictions in the original's: score at the original.
         orig = tuple(int(v) for v in target["orig_size"])
         gt_boxes = resize_boxes(target["boxes"].float(), size, orig)
         gt = {"boxes": gt_boxes.cpu().numpy(), "labels": target["labels"].cpu().numpy()}

@@ -6,8 +6,12 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from mona_dist.data.preprocess import DataPreprocessor, apply_jitter
-from mona_dist.data.transforms import JitterDraw
+from mona_dist.data import resolve_shards
+from mona_dist.data.config import PipelineConfig, ResizeConfig
+from mona_dist.data.pipelines import TaskPipeline
+from mona_dist.data.preprocess import DataPreprocessor, apply_jitter, resize_target
+from mona_dist.data.transforms import JitterDraw, ShortSideResize
+from mona_dist.data.wds_compat import SkipCounter, iter_shard
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -82,3 +86,47 @@ def test_jitter_statistics_see_only_the_valid_pixels():
     alone = pre(small[None], jitter=draws[1:])  # contrast blends with the mean: padding must not enter it
     assert torch.allclose(out[1, :, :5, :6], alone[0], atol=1e-6)
     assert (out[1, :, 5:] == 0).all()
+
+
+def test_detection_resize_on_the_device_matches_the_workers(synth):
+    # Without a crop, detection workers only draw the size; the model resizes image, boxes and masks. Same draws
+    # through the old worker-side resize must give the same model input.
+    shards = resolve_shards(f"{synth('coco')}/shards/train.index.json")
+    raws = [s for url in shards.urls[:1] for s in iter_shard(url, skips=SkipCounter())][:6]
+    cfg = PipelineConfig(resize=ResizeConfig(short=(80, 120), max_size=200), flip=0.5)
+    deferred = TaskPipeline("coco", cfg, True, shards.classes)
+    assert [type(t).__name__ for t in deferred.transform.transforms] == ["DrawSize", "RandomHorizontalFlip"]
+    worker = TaskPipeline("coco", cfg, True, shards.classes)
+    worker.transform = v2.Compose([ShortSideResize((80, 120), 200), v2.RandomHorizontalFlip(0.5)])
+    torch.manual_seed(0)
+    travelled = deferred.collate([deferred.sample(r) for r in raws])
+    torch.manual_seed(0)
+    resized = worker.collate([worker.sample(r) for r in raws])
+    assert all(tuple(im.shape[-2:]) == t["orig_size"] != t["size"] for im, t in zip(travelled["images"],
+                                                                                 travelled["targets"]))
+    assert all(tuple(im.shape[-2:]) == t["size"] for im, t in zip(resized["images"], resized["targets"]))
+    pre = DataPreprocessor(MEAN, STD)
+    (dev_images, dev_targets), (cpu_images, cpu_targets) = pre.detection(travelled), pre.detection(resized)
+    level = 1 / 255 / min(STD)  # one uint8 step, normalised
+    for a, b, ta, tb in zip(dev_images, cpu_images, dev_targets, cpu_targets):
+        assert a.shape == b.shape and ta["masks"].shape[-2:] == a.shape[-2:]
+        assert (a - b).abs().max() < 1.01 * level  # float bilinear vs cv2's rounded uint8: at most one step
+        assert torch.allclose(ta["boxes"], tb["boxes"], atol=1e-4)
+        assert torch.equal(ta["labels"], tb["labels"])
+        assert ta["masks"].shape == tb["masks"].shape
+        assert (ta["masks"] == tb["masks"]).float().mean().nan_to_num(1.0) > 0.995  # an image may have no objects
+    assert sum(len(t["masks"]) for t in dev_targets) > 6
+
+
+def test_resize_target_scales_boxes_and_masks():
+    masks = torch.zeros(2, 4, 6, dtype=torch.uint8)
+    masks[0, 1:3, 2:5] = 1
+    target = {"boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0], [0.0, 0.0, 6.0, 4.0]]), "masks": masks}
+    out = resize_target(target, (4, 6), (8, 9))
+    assert out["size"] == (8, 9)
+    assert torch.allclose(out["boxes"], torch.tensor([[3.0, 2.0, 7.5, 6.0], [0.0, 0.0, 9.0, 8.0]]))
+    ys, xs = torch.nonzero(out["masks"][0], as_tuple=True)
+    assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (2, 6, 3, 7)  # nearest-exact of [3, 7.5)
+    empty = resize_target({"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 4, 6, dtype=torch.uint8)}, (4, 6), (8, 9))
+    assert empty["masks"].shape == (0, 8, 9)
+    assert resize_target(target, (4, 6), (4, 6)) is target

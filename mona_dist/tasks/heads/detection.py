@@ -1,8 +1,9 @@
 """torchvision detectors fed by mona_dist's detection pipeline, with results mapped back to the original image.
 
-The pipeline (mona_dist.data) already resizes and pads nothing, and its targets are in the resized image's pixels;
-`Detector` normalises the uint8 images on the device (`DataPreprocessor`). torchvision's `GeneralizedRCNNTransform`
-would normalise and resize again, and its postprocess maps results back to the size the *model* was given.
+The pipeline (mona_dist.data) pads nothing; each target carries the size the worker drew (`"size"`), and
+`Detector` resizes the uint8 images, their boxes and masks to it and normalises them on the device
+(`DataPreprocessor.detection`). torchvision's `GeneralizedRCNNTransform` would normalise and resize again, and its
+postprocess maps results back to the size the *model* was given.
 `PrenormalizedTransform` keeps only what is still needed (batching with padding to `size_divisible`) and hands
 postprocessing to `Detector`, which knows each image's `orig_size` and maps boxes and masks to it with
 torchvision's own postprocess (masks are pasted directly at the original resolution, as mmdet does with
@@ -76,7 +77,7 @@ class Detector(nn.Module):
         return self.detector.backbone.body
 
     def forward(self, batch: dict) -> dict | list[dict]:
-        images, targets = self.preprocess(batch["images"], jitter=batch.get("jitter")), batch.get("targets")
+        images, targets = self.preprocess.detection(batch)
         if self.training:
             losses = self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"], **_masks(t)} for t in targets])
             return {"loss": sum(losses.values()), **losses}
@@ -91,7 +92,8 @@ def _masks(target: dict) -> dict:
 
 
 def predict_dataset(model: Callable[[dict], list[dict]], loader) -> Iterator[tuple[dict, dict, tuple[int, int]]]:
-    """(target, prediction in original pixels, model input size) per image of this rank's share of `loader`.
+    """(target, prediction in original pixels, (h, w) of the image as loaded -- the pixels its target's boxes are
+    in) per image of this rank's share of `loader`.
 
     `model(batch)` runs in eval mode on the right device: the trainer passes its engine, which moves and casts the
     batch; targets are read from the loader's own (CPU) batch.
