@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .index import ShardSet
 from .plan import WorkerPlan, mix_seed, planned_batches, worker_plan
-from .transfer import pack, unpack
+from .transfer import BlockLedger, BlockPool, pack, unpack
 from .wds_compat import SkipCounter, iter_shard, shuffled, worker_info
 
 log = logging.getLogger("mona_dist.data")
@@ -91,9 +91,11 @@ class _WorkerStream(IterableDataset):
     meta = (logical worker, raw samples consumed, samples emitted, corrupt samples skipped, shard errors).
     """
 
-    def __init__(self, spec: StreamSpec, sample_fn: Callable, collate_fn: Callable):
+    def __init__(self, spec: StreamSpec, sample_fn: Callable, collate_fn: Callable,
+                 block_flags: Optional[torch.Tensor] = None):
         super().__init__()
         self.spec, self.sample_fn, self.collate_fn = spec, sample_fn, collate_fn
+        self.block_flags = block_flags  # shared with the trainer's BlockLedger (transfer.py)
 
     def __iter__(self):
         spec = self.spec
@@ -110,6 +112,7 @@ class _WorkerStream(IterableDataset):
         if target is not None and spec.drop_last:
             target -= target % spec.batch_size
         in_main = torch.utils.data.get_worker_info() is None
+        pool = None if in_main or self.block_flags is None else BlockPool(self.block_flags, physical)
         buffer: list = []
 
         def meta():
@@ -131,15 +134,15 @@ class _WorkerStream(IterableDataset):
                     torch.set_rng_state(state)
             emitted += 1
             if len(buffer) == spec.batch_size:
-                yield meta(), self._batch(buffer, in_main)
+                yield meta(), self._batch(buffer, in_main, pool)
                 buffer = []
         if buffer and not spec.drop_last:
-            yield meta(), self._batch(buffer, in_main)
+            yield meta(), self._batch(buffer, in_main, pool)
         yield meta(), None
 
-    def _batch(self, records: list, in_main: bool) -> Any:
+    def _batch(self, records: list, in_main: bool, pool: Optional[BlockPool]) -> Any:
         batch = self.collate_fn(records)
-        return batch if in_main else pack(batch)  # one shared block per batch: see transfer.py
+        return batch if in_main else pack(batch, pool)  # one shared block per batch: see transfer.py
 
 
 def _identity(x):
@@ -217,7 +220,10 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self._fold_skips()
-        stream = _WorkerStream(self._spec(), self.sample_fn, self.collate_fn)
+        # blocks per worker: the batches prefetched, the one being received, the one the caller's loop variable
+        # still holds and the one before it (handed back at the next receive); see transfer.py
+        ledger = BlockLedger(self.num_workers, self.prefetch_factor + 3) if self.workers > 0 else None
+        stream = _WorkerStream(self._spec(), self.sample_fn, self.collate_fn, ledger and ledger.flags)
         extra = {"prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
         # Our own generator: without one, every new DataLoader iterator draws its base seed from the *global* torch
         # RNG, so the trainer's random stream (dropout, drop-path) would depend on when loaders are (re)created, and a
@@ -231,6 +237,8 @@ class ShardLoader:
             self._resume[worker] = (raw, emitted)
             self._next_worker = (worker + 1) % self.num_workers
             self.position += 1
+            if ledger is not None:
+                ledger.receive(batch)
             yield unpack(batch)
         self._fold_skips()
         self.epoch += 1

@@ -143,10 +143,11 @@ def pad_stack(tensors: list[torch.Tensor], fill: int) -> torch.Tensor:
     h = max(t.shape[0] for t in tensors)
     w = max(t.shape[1] for t in tensors)
     out = torch.empty((len(tensors), h, w, *tensors[0].shape[2:]), dtype=torch.uint8)
-    if any(t.shape[:2] != (h, w) for t in tensors):
-        out.fill_(fill)
     for i, t in enumerate(tensors):
-        out[i, : t.shape[0], : t.shape[1]] = t
+        th, tw = t.shape[:2]
+        out[i, :th, :tw] = t
+        out[i, th:].fill_(fill)  # only the padding is written twice over: no fill of the whole batch first
+        out[i, :th, tw:].fill_(fill)
     return out
 
 

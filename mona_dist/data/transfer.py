@@ -8,12 +8,18 @@ batches cost as much as decoding the images. `pack` copies every tensor of a bat
 descriptor) and leaves a picklable description of where each one lives; `unpack` rebuilds the same nested
 structure in the trainer, every tensor a view into the block (dtype, shape and strides preserved, so channels-last
 images stay channels-last). Batches made in the main process (workers=0) are never packed.
+
+Blocks are reused (`BlockPool` in each worker, `BlockLedger` in the trainer): a fresh shared segment costs a page
+fault per 4 KiB on first touch, which on the CI machine made packing a batch of eight 500x500 images cost 2.5 ms
+where copying into mapped memory costs 0.6 ms (bench-data: voc 0.76 -> 0.84 of the decode rate). A worker writes a
+batch into one of its blocks only when the trainer has marked it free; the trainer does so once no tensor refers to
+the block any more (its storage's use count), or at once when the pin-memory thread has copied it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -34,10 +40,11 @@ class Packed:
 
     block: torch.Tensor  # uint8, 1-D, in shared memory
     tree: Any
+    slot: Optional[tuple[int, int]] = None  # (worker, index) of a pooled block; None for a one-off block
 
     def pin_memory(self, device: Any = None) -> "Packed":
         """Called by the DataLoader's pin-memory thread: one pinned copy for the whole batch."""
-        return Packed(self.block.pin_memory(), self.tree)
+        return Packed(self.block.pin_memory(), self.tree, self.slot)
 
 
 def _map(obj: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
@@ -62,8 +69,8 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def pack(batch: Any) -> Packed:
-    """Copy every tensor in `batch` (nested dicts/lists/tuples) into one shared uint8 block."""
+def pack(batch: Any, pool: Optional["BlockPool"] = None) -> Packed:
+    """Copy every tensor in `batch` (nested dicts/lists/tuples) into one shared uint8 block (from `pool` if free)."""
     copies: list[tuple[_Slot, torch.Tensor]] = []
     size = 0
 
@@ -76,10 +83,61 @@ def pack(batch: Any) -> Packed:
         return slot
 
     tree = _map(batch, torch.Tensor, place)
-    block = torch.empty(size, dtype=torch.uint8).share_memory_()
+    block, pooled = pool.take(size) if pool is not None else (_shared(size), None)
     for slot, dense in copies:
         _view(block, slot).copy_(dense)
-    return Packed(block, tree)
+    return Packed(block, tree, pooled)
+
+
+def _shared(size: int) -> torch.Tensor:
+    """A uint8 tensor of `size` bytes in a new shared segment (allocated there, not copied in by share_memory_)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))[:size]
+
+
+class BlockPool:
+    """A worker's reusable shared blocks; `flags[worker, k]` is 1 while block k is lent to the trainer."""
+
+    def __init__(self, flags: torch.Tensor, worker: int):
+        self.flags, self.worker = flags, worker
+        self.blocks: list[Optional[torch.Tensor]] = [None] * flags.shape[1]
+
+    def take(self, size: int) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
+        """`size` bytes from a free block (grown by a quarter beyond need when too small), or from a one-off block
+        when every pooled one is still lent."""
+        for k, block in enumerate(self.blocks):
+            if self.flags[self.worker, k]:
+                continue
+            if block is None or block.numel() < size:
+                block = self.blocks[k] = _shared(size + size // 4)
+            self.flags[self.worker, k] = 1
+            return block[:size], (self.worker, k)
+        return _shared(size), None
+
+
+class BlockLedger:
+    """The trainer's side of the pools: which blocks it holds, and handing each back once nothing refers to it.
+
+    It keeps one storage object per pooled block, so the block stays mapped between uses (torch's shared-memory
+    cache then hands back the same mapping) and a use count of 1 means no batch tensor refers to it.
+    """
+
+    def __init__(self, workers: int, slots: int):
+        self.flags = torch.zeros((workers, slots), dtype=torch.uint8).share_memory_()
+        self.mapped: dict[tuple[int, int], torch.UntypedStorage] = {}
+        self.lent: set[tuple[int, int]] = set()
+
+    def receive(self, packed: Any) -> None:
+        """Note a batch that arrived, after handing back every block the trainer has let go of."""
+        for key in [k for k in self.lent if torch._C._storage_Use_Count(self.mapped[k]._cdata) == 1]:
+            self.lent.discard(key)
+            self.flags[key] = 0
+        if not isinstance(packed, Packed) or packed.slot is None:
+            return
+        if packed.block.is_pinned():  # the pin-memory thread copied it: the shared block is free already
+            self.flags[packed.slot] = 0
+            return
+        self.mapped[packed.slot] = packed.block.untyped_storage()
+        self.lent.add(packed.slot)
 
 
 def _view(block: torch.Tensor, slot: _Slot) -> torch.Tensor:

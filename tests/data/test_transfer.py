@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from mona_dist.data.transfer import Packed, pack, unpack
+from mona_dist.data.transfer import BlockLedger, BlockPool, Packed, pack, unpack
 
 
 def batch() -> dict:
@@ -60,3 +60,35 @@ class _Batches(IterableDataset):
 def test_packed_batches_cross_real_worker_processes():
     for packed in DataLoader(_Batches(), batch_size=None, num_workers=2, collate_fn=lambda x: x):
         assert_same(batch(), unpack(packed))
+
+
+class _Pooled(IterableDataset):
+    """Batch i is filled with the value i, so a block overwritten while the trainer holds it shows."""
+
+    def __init__(self, flags: torch.Tensor, n: int):
+        self.flags, self.n = flags, n
+
+    def __iter__(self):
+        pool = BlockPool(self.flags, 0)
+        for i in range(self.n):
+            yield pack({"images": torch.full((3, 64, 64), i, dtype=torch.uint8), "i": i}, pool)
+
+
+def test_pooled_blocks_are_reused_only_after_the_trainer_lets_go():
+    # 6 blocks: one held to the end, and at most 4 out at once otherwise (2 prefetched, the one being received,
+    # the one the loop variable still holds, the one before it until the next receive notices it was dropped)
+    ledger = BlockLedger(workers=1, slots=6)
+    held, slots = [], []
+    loader = DataLoader(_Pooled(ledger.flags, 24), batch_size=None, num_workers=1, collate_fn=lambda x: x,
+                        prefetch_factor=2)
+    for packed in loader:
+        ledger.receive(packed)
+        slots.append(packed.slot)
+        batch = unpack(packed)
+        del packed
+        if batch["i"] == 0:
+            held.append(batch)  # kept to the end: its block must never be handed back
+        assert torch.equal(batch["images"], torch.full((3, 64, 64), batch["i"], dtype=torch.uint8))
+    assert torch.equal(held[0]["images"], torch.zeros((3, 64, 64), dtype=torch.uint8))
+    assert slots[0] is not None and slots[0] not in slots[1:]  # the held block stayed out of the pool
+    assert None not in slots and len(set(slots)) <= 6  # every batch travelled in a pooled, reused block
