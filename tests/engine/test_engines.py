@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from engine_workers import run_swin_mona, run_variants
-from toy import free_port
+from ports import free_port
 
 VARIANTS = [
     {"name": "ddp"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -42,12 +41,6 @@ def toy_batch(step: int, rank: int, batch: int = 16) -> dict:
     g = torch.Generator().manual_seed(10_000 * step + rank)
     x = torch.randn(batch, 8, generator=g)
     return {"x": x, "y": (x @ w).argmax(dim=1)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_group(rank: int, world_size: int, port: int) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as tdist
@@ -14,6 +12,8 @@ from mona_dist.config import validate
 from mona_dist.models import build_backbone
 from mona_dist.tasks import TASKS
 from mona_dist.tasks.cls import Classifier, ClsHeadOptions, ClsTask, topk_correct
+
+from ports import free_port
 
 
 def test_topk_correct_counts():
@@ -81,12 +81,6 @@ def test_train_and_eval_pipelines_must_share_mean_and_std():
         TASKS.get("cls").check(cfg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batches(rank: int, world: int) -> list[dict]:
     g = torch.Generator().manual_seed(7)
     images, labels = torch.randn(10, 3, 32, 32, generator=g), torch.randint(0, 5, (10,), generator=g)
@@ -113,5 +107,5 @@ def test_distributed_eval_equals_single_process(tmp_path):
     top1, top5 = topk_correct(logits, labels)
     assert single == {"eval/top1": top1 / 10, "eval/top5": top5 / 10, "eval/samples": 10.0}
     out = tmp_path / "m.pt"
-    mp.spawn(_eval_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_eval_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     assert torch.load(out, weights_only=True) == pytest.approx(single)
