@@ -52,7 +52,8 @@ class Task:
                                   f"pipeline's {getattr(train, key)}; the model normalises both splits alike")
 
     def preprocessor(self, cfg: Config) -> DataPreprocessor:
-        """The model's on-device jitter + normalisation with the pipelines' mean and std (data/preprocess.py)."""
+        """The model's on-device preprocessing (detection resize, jitter, normalisation) with the pipelines' mean
+        and std (data/preprocess.py)."""
         pipeline = cfg.data.pipeline(self.name, "train")
         return DataPreprocessor(pipeline.mean, pipeline.std)
 
