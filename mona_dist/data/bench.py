@@ -7,7 +7,7 @@ their polygons/RLE). The pipeline adds the augmentations and the collate on top,
 Both are measured in alternating rounds on live iterators, so machine noise hits both alike; the first batch of
 each (worker start-up) is not timed.
 
-Normalisation, photometric jitter and (detection) the resize run on the device, in the model
+Normalisation, photometric jitter and the resize of detection images and seg crops run on the device, in the model
 (`preprocess.DataPreprocessor`), so neither rate includes them; their own rate on `device` is measured on the same
 batches and reported next to the ratio.
 """
@@ -73,8 +73,8 @@ def bench_data(shards: str, task: str, *, workers: int = 2, batches: int = 60, b
 
 
 def _device_rate(cfg: PipelineConfig, batches: list[dict], device: Optional[str]) -> tuple[float, str]:
-    """Images/s of the model's DataPreprocessor (jitter + normalisation; detection: + resize of images, boxes and
-    masks) on `device` (default: CUDA if present)."""
+    """Images/s of the model's DataPreprocessor (jitter + normalisation; detection and seg: + the resize of images
+    and their boxes, masks or label maps) on `device` (default: CUDA if present)."""
     import torch
 
     from .preprocess import DataPreprocessor
@@ -92,6 +92,8 @@ def _device_rate(cfg: PipelineConfig, batches: list[dict], device: Optional[str]
     def run(batch: dict) -> Any:
         if "targets" in batch:
             return pre.detection(batch)
+        if "masks" in batch:
+            return pre.segmentation(batch)
         return pre(batch["images"], batch.get("img_sizes"), batch.get("jitter"))
 
     moved = [move(b) for b in batches]

@@ -2,7 +2,10 @@
 
   cls   {"images": uint8 (B,3,H,W), "labels": int64 (B,)}
   seg   {"images": uint8 (B,3,H,W), "masks": uint8 (B,H,W), "img_sizes"}  masks 0..K-1, 255 = ignore
-        (reduce_zero_label like mmseg); "img_sizes" lists each image's valid, unpadded (h, w). Eval adds
+        (reduce_zero_label like mmseg); "img_sizes" lists each image's valid, unpadded (h, w). Training with a
+        resize + crop adds "sizes" (the crop size of each) and "flips" bool (B,): images and masks are then the
+        source windows the crops come from, and the model resizes and flips them on its device
+        (`transforms.CropWindow`, `preprocess.DataPreprocessor.segmentation`). Eval adds
         "orig_masks" (list of int64 (H0,W0), the untouched label maps after reduce_zero_label) and "orig_size":
         evaluate by cropping logits to img_sizes[i], resizing to orig_size[i] and comparing with orig_masks[i].
   coco  {"images": list of uint8 (3,h,w), "targets": list of {boxes, labels 1..K, masks uint8 (N,h,w), size,
@@ -210,6 +213,9 @@ class TaskPipeline:
                 "masks": pad_stack([r["mask"].as_subclass(torch.Tensor) for r in records], IGNORE_INDEX),
                 "img_sizes": [tuple(im.shape[-2:]) for im in images],
             }
+            if "size" in records[0]:  # CropWindow / DrawFlip: the device resizes (and flips) each window
+                batch["sizes"] = [r["size"] for r in records]
+                batch["flips"] = torch.tensor([r.get("flip", False) for r in records], dtype=torch.bool)
             if not self.train:
                 batch["orig_masks"] = [r["orig_mask"] for r in records]
                 batch["orig_size"] = [tuple(r["orig_mask"].shape) for r in records]

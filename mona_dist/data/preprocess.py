@@ -38,7 +38,8 @@ def apply_jitter(image: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
 
 
 class DataPreprocessor(nn.Module):
-    """uint8 images -> optional photometric jitter -> `(x / 255 - mean) / std` -> padding zeroed (mmseg's pad 0).
+    """uint8 images -> resize/flip where the worker only drew them (`detection`, `segmentation`) -> optional
+    photometric jitter -> `(x / 255 - mean) / std` -> padding zeroed (mmseg's pad 0).
 
     The result has the dtype the module was cast to (fp32, or bf16/fp16 after DeepSpeed casts the model), while
     the arithmetic runs in fp32. No state_dict entries: mean and std are config.
@@ -55,13 +56,15 @@ class DataPreprocessor(nn.Module):
     def extra_repr(self) -> str:
         return f"mean={self.mean}, std={self.std}"
 
-    def _one(self, image: torch.Tensor, draw: Optional[torch.Tensor], size: Optional[Sequence[int]] = None
-             ) -> torch.Tensor:
-        """uint8 (..., 3, h, w) -> normalised float32; resized to `size` first, then jittered with `draw` (one
-        image only) -- the order the worker's steps had."""
+    def _one(self, image: torch.Tensor, draw: Optional[torch.Tensor], size: Optional[Sequence[int]] = None,
+             flip: bool = False) -> torch.Tensor:
+        """uint8 (..., 3, h, w) -> normalised float32; resized to `size` and flipped first, then jittered with
+        `draw` (one image only) -- the order the worker's steps had."""
         x = image.float()
         if size is not None and tuple(size) != tuple(x.shape[-2:]):
             x = resize_pixels(x, size)
+        if flip:
+            x = x.flip(-1)
         x = x.div_(255)
         if draw is not None:
             x = apply_jitter(x, draw)
@@ -96,6 +99,30 @@ class DataPreprocessor(nn.Module):
                 out[i, :, :h, :w] = self._one(images[i, :, :h, :w], None if jitter is None else jitter[i])
         return out.to(self.dtype_probe.dtype)
 
+    def segmentation(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[list]]:
+        """A seg batch -> (normalised images, label maps, valid sizes). With "sizes" (`transforms.CropWindow`),
+        each image's valid window and its labels are resized to sizes[i] and flipped where "flips" says, before
+        the jitter, into a new batch padded with 0 / 255; otherwise images are normalised in place."""
+        images, masks, valid = batch["images"], batch.get("masks"), batch.get("img_sizes")
+        sizes = batch.get("sizes")
+        if sizes is None:
+            return self(images, valid, batch.get("jitter")), masks, valid
+        jitter = batch.get("jitter")
+        jitter = None if jitter is None else jitter.detach().float().cpu()
+        flips = batch.get("flips")
+        flips = [False] * len(images) if flips is None else flips.tolist()
+        valid = valid or [tuple(images.shape[-2:])] * len(images)
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+        out = images.new_zeros((len(images), 3, height, width), dtype=torch.float32)
+        labels = None if masks is None else masks.new_full((len(images), height, width), 255)
+        for i, ((h0, w0), (h, w)) in enumerate(zip(valid, sizes)):
+            draw = None if jitter is None else jitter[i]
+            out[i, :, :h, :w] = self._one(images[i, :, :h0, :w0], draw, (h, w), flips[i])
+            if labels is not None:
+                m = resize_labels(masks[i : i + 1, :h0, :w0], (h, w))[0]
+                labels[i, :h, :w] = m.flip(-1) if flips[i] else m
+        return out.to(self.dtype_probe.dtype), labels, [tuple(sz) for sz in sizes]
+
     def detection(self, batch: dict) -> tuple[list[torch.Tensor], Optional[list[dict]]]:
         """A detection batch -> (normalised images at each target's "size", targets with boxes and masks resized
         to match). The worker only drew the sizes (`transforms.DrawSize`); a target without "size" keeps its
@@ -109,10 +136,20 @@ class DataPreprocessor(nn.Module):
 
 
 def resize_pixels(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Float (..., C, h, w) -> (..., C, *size): bilinear with half-pixel centres (the workers' cv2 INTER_LINEAR),
-    antialiased when a side shrinks (`kernels.resize_image` does so below half size)."""
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    """Float (..., C, h, w) -> (..., C, *size): the workers' `kernels.resize_image` on the device -- bilinear with
+    half-pixel centres (cv2 INTER_LINEAR, mmcv's imresize), antialiased only where a side shrinks below half."""
+    shrink = size[0] * 2 < x.shape[-2] or size[1] * 2 < x.shape[-1]
     return F.resize_image(x, list(size), antialias=shrink)
+
+
+def resize_labels(masks: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """uint8 (N, h, w) instance masks or label maps -> (N, *size), nearest with half-pixel centres (the workers'
+    `kernels.resize_masks`)."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size))
+    return torch.nn.functional.interpolate(masks[None], size=tuple(size), mode="nearest-exact")[0]
 
 
 def resize_target(target: dict, src: Sequence[int], dst: Sequence[int]) -> dict:
@@ -126,8 +163,6 @@ def resize_target(target: dict, src: Sequence[int], dst: Sequence[int]) -> dict:
     out = dict(target, size=tuple(dst))
     sy, sx = dst[0] / src[0], dst[1] / src[1]
     out["boxes"] = target["boxes"] * target["boxes"].new_tensor([sx, sy, sx, sy])
-    masks = target.get("masks")
-    if masks is not None:
-        out["masks"] = (masks.new_zeros((masks.shape[0], *dst)) if masks.shape[0] == 0 else
-                        torch.nn.functional.interpolate(masks[None], size=tuple(dst), mode="nearest-exact")[0])
+    if target.get("masks") is not None:
+        out["masks"] = resize_labels(target["masks"], dst)
     return out

@@ -178,6 +178,33 @@ class ResizeThenCrop(v2.Transform):
         return _resize(F.crop(inpt, **params["window"]), params["size"])
 
 
+class CropWindow(ResizeThenCrop):
+    """`ResizeThenCrop`'s draws without the resampling: the sample keeps the source window (a view, no copy) and
+    gets `"size"`, the crop size the model resizes it to on its device (`preprocess.DataPreprocessor.segmentation`).
+
+    Seg training uses this: resampling each 512x512 crop (and flipping it) cost the workers half as much as decoding,
+    and on the device it is one bilinear pass per image. The window, and so cat_max_ratio's decision, are exactly
+    ResizeThenCrop's.
+    """
+
+    def forward(self, sample: dict[str, Any]) -> dict[str, Any]:
+        params = self.make_params([v for v in sample.values() if isinstance(v, tv_tensors.TVTensor)])
+        out = {k: F.crop(v, **params["window"]) if isinstance(v, tv_tensors.TVTensor) else v for k, v in sample.items()}
+        return {**out, "size": tuple(params["size"])}
+
+
+class DrawFlip(v2.Transform):
+    """`v2.RandomHorizontalFlip(p)`'s draw (the same random number) without the flip: the sample gets `"flip"`,
+    applied on the device after the resize. Used with `CropWindow`."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return {**sample, "flip": not bool(torch.rand(1) >= self.p)}  # v2's test: skip when rand >= p
+
+
 def _label_map(flat_inputs: list[Any]) -> Optional[torch.Tensor]:
     """The seg label map (a 2-D Mask) among a sample's inputs, as a plain tensor."""
     label = next((x for x in flat_inputs if isinstance(x, tv_tensors.Mask) and x.ndim == 2), None)
@@ -236,11 +263,14 @@ def build_transform(task: str, cfg: PipelineConfig, train: bool) -> v2.Transform
     if cfg.crop is not None:
         crop = RandomCropNoPad(cfg.crop.size, cfg.crop.cat_max_ratio if task == "seg" else None)
         fuse = steps and type(steps[-1]) is ShortSideResize
-        steps.append(ResizeThenCrop(steps.pop(), crop) if fuse else crop)
+        # seg: the worker only picks the source window; resize and flip run on the device (see CropWindow)
+        window = task == "seg" and cfg.center_crop is None  # nothing geometric may follow a deferred resize
+        steps.append((CropWindow if window else ResizeThenCrop)(steps.pop(), crop) if fuse else crop)
     if cfg.center_crop is not None:
         steps.append(v2.CenterCrop(cfg.center_crop))
     if cfg.flip > 0:
-        steps.append(v2.RandomHorizontalFlip(cfg.flip))
+        deferred = any(isinstance(t, CropWindow) for t in steps)
+        steps.append(DrawFlip(cfg.flip) if deferred else v2.RandomHorizontalFlip(cfg.flip))
     if task in ("coco", "voc") and train and cfg.crop is not None:  # only a crop can leave empty boxes behind
         steps.append(v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_per_box_fields))
     if task == "cls" and cfg.random_resized_crop is None and cfg.center_crop is None and cfg.crop is None:

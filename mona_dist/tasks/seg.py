@@ -142,11 +142,11 @@ class SegModel(nn.Module):
         return self.net.backbone.body
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor] | torch.Tensor | list[torch.Tensor]:
-        h0, w0 = batch["images"].shape[-2:]
+        images, masks, valid = self.preprocess.segmentation(batch)  # training windows are resized here
+        h0, w0 = images.shape[-2:]
         # Pad to /32 (mmseg's SegDataPreProcessor size_divisor): the trunk needs sizes divisible by its patch and
         # every stage of a 4-level pyramid; padding is cut off the logits again below.
         pad = (0, -w0 % self.size_divisor, 0, -h0 % self.size_divisor)
-        images = self.preprocess(batch["images"], batch.get("img_sizes"), batch.get("jitter"))
         images = F.pad(images, pad, value=0.0)
         shape = tuple(images.shape[-2:])
         meta = dict(ori_shape=shape, img_shape=shape, pad_shape=shape, padding_size=[0, 0, 0, 0])
@@ -154,7 +154,7 @@ class SegModel(nn.Module):
             logits = self.net.inference(images, [dict(meta) for _ in range(len(images))])
             if "orig_size" not in batch:
                 return logits[:, :, :h0, :w0].argmax(1)
-            sizes = batch.get("img_sizes") or [(h0, w0)] * len(images)
+            sizes = valid or [(h0, w0)] * len(images)
             return [
                 F.interpolate(lg[None, :, :h, :w], size=tuple(o), mode="bilinear", align_corners=False)[0].argmax(0)
                 for lg, (h, w), o in zip(logits, sizes, batch["orig_size"])
@@ -162,7 +162,7 @@ class SegModel(nn.Module):
         from mmengine.structures import PixelData
         from mmseg.structures import SegDataSample
 
-        masks = F.pad(batch["masks"].long(), pad, value=self.ignore_index)
+        masks = F.pad(masks.long(), pad, value=self.ignore_index)
         samples = [SegDataSample(gt_sem_seg=PixelData(data=m[None]), metainfo=meta) for m in masks]
         raw = self.net.loss(images, samples)
         out = {k.replace(".", "_"): v.reshape(()) for k, v in raw.items()}

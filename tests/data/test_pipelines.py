@@ -16,7 +16,8 @@ from torchvision.transforms import v2
 from mona_dist.data import DataConfig, build_loader, resolve_shards
 from mona_dist.data.config import CropConfig, PipelineConfig, ResizeConfig
 from mona_dist.data.pipelines import TaskPipeline, reduce_zero_label
-from mona_dist.data.transforms import RandomCropNoPad, ShortSideResize, build_transform
+from mona_dist.data.preprocess import DataPreprocessor
+from mona_dist.data.transforms import RandomCropNoPad, ResizeThenCrop, ShortSideResize, build_transform
 from mona_dist.data.wds_compat import SkipCounter, iter_shard
 
 AUGMENT = PipelineConfig(resize=ResizeConfig(short=(48, 96), max_size=120), crop=CropConfig(size=(56, 56)), flip=1.0)
@@ -95,20 +96,26 @@ def test_voc_boxes_zero_based_and_difficult_only_in_eval(synth):
 
 
 def test_seg_label_map_follows_image_through_augmentation():
-    # The image carries its own label map (every channel = label * 30): after flip/resize/crop they must agree.
+    # The image carries its own label map (every channel = label * 30): after the worker's window crop and the
+    # device's resize and flip they must agree.
     label = torch.zeros(60, 80, dtype=torch.uint8)
     label[10:40, 5:30], label[30:55, 50:75], label[:, 78:] = 1, 3, 5
     sample = {"image": tv_tensors.Image((label * 30).expand(3, -1, -1).clone()), "mask": tv_tensors.Mask(label)}
     cfg = PipelineConfig(resize=ResizeConfig(short=(40, 90), max_size=200, ratio_range=(0.5, 1.5)),
                          crop=CropConfig(size=(48, 48), cat_max_ratio=0.9), flip=0.5)
-    transform = build_transform("seg", cfg, train=True)
+    pipe = TaskPipeline("seg", cfg, train=True)
+    identity = DataPreprocessor(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # "normalised" = the pixel values
+    flips = 0
     for seed in range(10):
         torch.manual_seed(seed)
-        out = transform(sample)
-        image, mask = out["image"][0].float(), out["mask"]
-        assert image.shape == mask.shape
-        agree = (torch.round(image / 30) == mask).float().mean().item()
+        out = pipe.transform(sample)
+        images, masks, sizes = identity.segmentation(pipe.collate([out]))
+        (h, w), image, mask = sizes[0], images[0, 0], masks[0]
+        assert (h, w) == out["size"] and image.shape == mask.shape
+        agree = (torch.round(image[:h, :w] / 30) == mask[:h, :w]).float().mean().item()
         assert agree > 0.9, agree  # only bilinear edges of the image may differ
+        flips += out["flip"]
+    assert 0 < flips < 10
 
 
 def test_cat_max_ratio_rejects_single_class_crops():
@@ -187,8 +194,10 @@ def test_resize_then_crop_is_fused_and_matches_the_two_steps():
     sample = {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(label)}
     cfg = PipelineConfig(resize=ResizeConfig(short=(40, 90), max_size=200, ratio_range=(0.5, 1.5)),
                          crop=CropConfig(size=(48, 48)))
-    fused = build_transform("seg", cfg, train=True)
-    assert [type(t).__name__ for t in fused.transforms] == ["ResizeThenCrop"]
+    assert [type(t).__name__ for t in build_transform("seg", cfg, train=True).transforms] == ["CropWindow"]
+    assert [type(t).__name__ for t in build_transform("voc", cfg, train=True).transforms] == [
+        "ResizeThenCrop", "SanitizeBoundingBoxes"]  # detection with a crop: resized in the worker
+    fused = ResizeThenCrop(ShortSideResize((40, 90), 200, (0.5, 1.5)), RandomCropNoPad((48, 48)))
     two_steps = v2.Compose([ShortSideResize((40, 90), 200, (0.5, 1.5)), RandomCropNoPad((48, 48))])
     for seed in range(10):
         torch.manual_seed(seed)

@@ -7,10 +7,10 @@ import torch
 from torchvision.transforms import v2
 
 from mona_dist.data import resolve_shards
-from mona_dist.data.config import PipelineConfig, ResizeConfig
+from mona_dist.data.config import CropConfig, PipelineConfig, ResizeConfig
 from mona_dist.data.pipelines import TaskPipeline
 from mona_dist.data.preprocess import DataPreprocessor, apply_jitter, resize_target
-from mona_dist.data.transforms import JitterDraw, ShortSideResize
+from mona_dist.data.transforms import JitterDraw, RandomCropNoPad, ResizeThenCrop, ShortSideResize
 from mona_dist.data.wds_compat import SkipCounter, iter_shard
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -88,11 +88,15 @@ def test_jitter_statistics_see_only_the_valid_pixels():
     assert (out[1, :, 5:] == 0).all()
 
 
+def first_samples(out: str, n: int = 6) -> tuple[list[dict], object]:
+    shards = resolve_shards(f"{out}/shards/train.index.json")
+    return [s for url in shards.urls[:1] for s in iter_shard(url, skips=SkipCounter())][:n], shards
+
+
 def test_detection_resize_on_the_device_matches_the_workers(synth):
     # Without a crop, detection workers only draw the size; the model resizes image, boxes and masks. Same draws
     # through the old worker-side resize must give the same model input.
-    shards = resolve_shards(f"{synth('coco')}/shards/train.index.json")
-    raws = [s for url in shards.urls[:1] for s in iter_shard(url, skips=SkipCounter())][:6]
+    raws, shards = first_samples(synth("coco"))
     cfg = PipelineConfig(resize=ResizeConfig(short=(80, 120), max_size=200), flip=0.5)
     deferred = TaskPipeline("coco", cfg, True, shards.classes)
     assert [type(t).__name__ for t in deferred.transform.transforms] == ["DrawSize", "RandomHorizontalFlip"]
@@ -130,3 +134,32 @@ def test_resize_target_scales_boxes_and_masks():
     empty = resize_target({"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 4, 6, dtype=torch.uint8)}, (4, 6), (8, 9))
     assert empty["masks"].shape == (0, 8, 9)
     assert resize_target(target, (4, 6), (4, 6)) is target
+
+
+def test_seg_crops_resized_and_flipped_on_the_device_match_the_workers(synth):
+    # Seg workers pick the source window and draw the flip; the model resizes and flips. The same draws through
+    # the worker-side ResizeThenCrop + flip must give the same images and label maps.
+    raws, _ = first_samples(synth("ade20k"), 7)
+    resize = dict(short=64, max_size=256, ratio_range=(0.5, 2.0))
+    cfg = PipelineConfig(resize=ResizeConfig(**resize), crop=CropConfig(size=(48, 40), cat_max_ratio=0.75), flip=0.5)
+    deferred = TaskPipeline("seg", cfg, True)
+    assert [type(t).__name__ for t in deferred.transform.transforms] == ["CropWindow", "DrawFlip"]
+    worker = TaskPipeline("seg", cfg, True)
+    worker.transform = v2.Compose([
+        ResizeThenCrop(ShortSideResize(64, 256, (0.5, 2.0)), RandomCropNoPad((48, 40), 0.75)),
+        v2.RandomHorizontalFlip(0.5),
+    ])
+    torch.manual_seed(3)
+    travelled = deferred.collate([deferred.sample(r) for r in raws])
+    torch.manual_seed(3)
+    cropped = worker.collate([worker.sample(r) for r in raws])
+    assert travelled["sizes"] == cropped["img_sizes"] and travelled["img_sizes"] != travelled["sizes"]
+    assert 0 < int(travelled["flips"].sum()) < len(raws)
+    pre = DataPreprocessor(MEAN, STD)
+    dev_images, dev_labels, dev_sizes = pre.segmentation(travelled)
+    cpu_images, cpu_labels, cpu_sizes = pre.segmentation(cropped)
+    assert dev_sizes == cpu_sizes and dev_images.shape == cpu_images.shape and dev_labels.dtype == torch.uint8
+    level = 1 / 255 / min(STD)
+    assert (dev_images - cpu_images).abs().max() < 1.01 * level  # float bilinear vs cv2's rounded uint8
+    assert (dev_labels == cpu_labels).float().mean() > 0.995
+    assert (dev_labels != 255).any()
