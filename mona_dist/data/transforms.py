@@ -6,7 +6,9 @@ so every geometric step moves boxes and masks with the image. Two steps torchvis
 and `RandomCropNoPad` (crop at most the image size, with mmseg's cat_max_ratio for seg). The steps that touch pixels
 run `kernels.py` (OpenCV, several times faster on uint8) on images and masks and torchvision's kernels on boxes.
 Images stay uint8 to the end: photometric jitter and normalisation run on the device (`preprocess.DataPreprocessor`);
-the worker only draws the jitter's random factors (`JitterDraw`).
+the worker only draws the jitter's random factors (`JitterDraw`). Where the recipe allows, resizing moves there too
+and the worker only draws it: the detection resize without a crop (`DrawSize`), and seg training's crop resize and
+flip (`CropWindow`, `DrawFlip`). `ResizeThenCrop` and torchvision's flip remain for detection pipelines with a crop.
 """
 
 from __future__ import annotations
