@@ -21,6 +21,7 @@ from torch import nn
 from mona_dist.config.loader import ConfigError, deep_merge
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine.base import DTYPES, Engine
+from mona_dist.engine.deepspeed_compat import release_cpu_allreduce_buffer
 from mona_dist.engine.optim import build_adamw, param_groups
 from mona_dist.serialization import safe_torch_load
 
@@ -89,6 +90,7 @@ class DeepSpeedEngine(Engine):
         self.ds_config = deepspeed_config(cfg, micro_batch_size, world_size)
         optimizer = build_adamw(param_groups(self.model, optim), optim)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config)
+        release_cpu_allreduce_buffer()  # DeepSpeed's CPU all-reduce never unlinks its /dev/shm buffers
         self.ds.checkpoint_engine = SafeCheckpointEngine(self.ds._config)
         self.module = self.ds
         self._dtype = next((DTYPES[k] for k in ("bf16", "fp16") if self.ds_config[k].get("enabled")), None)

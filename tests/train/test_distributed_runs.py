@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mona_dist.engine.deepspeed_compat import allreduce_buffer
 from ports import free_port
 from train_helpers import REPO, tiny_config
 
@@ -21,10 +22,19 @@ BIN = Path(sys.executable).parent
 def launch(config: Path, *args: str) -> subprocess.Popen:
     """`deepspeed --num_gpus 2 launch/train.py --config ...` in its own session (so the group can be killed)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "launch/train.py",
            "--config", str(config), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    proc.port = port  # type: ignore[attr-defined]
+    return proc
+
+
+def shm_left(*procs: subprocess.Popen) -> list[str]:
+    """DeepSpeed CPU all-reduce buffers these runs left in /dev/shm (engine/deepspeed_compat.py unlinks them)."""
+    return [str(allreduce_buffer(rank, "127.0.0.1", p.port)) for p in procs for rank in (0, 1)
+            if allreduce_buffer(rank, "127.0.0.1", p.port).exists()]
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -89,6 +99,9 @@ def test_sigkill_and_resume_matches_uninterrupted_run_bitwise(tmp_path, cls_shar
     killed.wait()
     rc, out = finish(full)
     assert rc == 0, out[-3000:]
+    # DeepSpeed never unlinks its CPU all-reduce buffers (66 MB per rank); we do, right after start-up, so neither
+    # the finished nor the SIGKILLed run leaves them in RAM-backed /dev/shm
+    assert shm_left(full, killed) == []
 
     # `latest` survived the kill and names a complete checkpoint.
     assert os.readlink(latest).startswith("step-") and (latest / "meta.json").is_file()

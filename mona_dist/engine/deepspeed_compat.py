@@ -1,0 +1,49 @@
+"""Workarounds for DeepSpeed on this stack, each with the reason. One so far.
+
+DeepSpeed 0.19's CPU accelerator runs all-reduce through shared memory when every rank is on one machine
+(LOCAL_SIZE == world size, which the deepspeed launcher sets). Each rank creates
+/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, 66 MB, in `shm_initialize`. Nothing
+ever unlinks it: `shared_close` in ops/csrc/cpu/comm/shm.cpp has no caller. So every CPU run, finished or killed,
+leaves its buffers in RAM-backed /dev/shm. A few passes of our test suite filled 19 GB of a 24 GiB machine with
+them, and the next pass stalled in swap.
+
+Once every rank has mapped every buffer, the names are no longer needed. Unlinking them leaves the mappings
+working, and the kernel frees the memory when the last rank exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as torch_dist
+
+from mona_dist.distributed import get_state
+
+SHM_DIR = Path("/dev/shm")
+
+
+def allreduce_buffer(rank: int, addr: str, port: int) -> Path:
+    """The name DeepSpeed's shm.cpp gives rank `rank`'s all-reduce buffer."""
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_cpu_allreduce_buffer() -> Optional[Path]:
+    """Call on every rank after `deepspeed.initialize`: unlinks this rank's buffer name; returns it if it existed.
+
+    `shm_initialize` returns on a rank only after it has opened every other rank's buffer, and it runs inside
+    deepspeed.initialize. A barrier after that call therefore means every buffer is mapped everywhere.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    state = get_state()
+    if get_accelerator().device_name() != "cpu" or state.world_size < 2 or not torch_dist.is_initialized():
+        return None
+    torch_dist.barrier()  # the same decision on every rank: it depends on the job, not on this rank's files
+    path = allreduce_buffer(state.rank, state.master_addr, state.master_port)
+    try:
+        path.unlink()
+    except FileNotFoundError:  # no shm all-reduce in this job (not all ranks local), or released already
+        return None
+    return path
