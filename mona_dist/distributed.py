@@ -251,6 +251,21 @@ def shutdown() -> None:
     _STATE = None
 
 
+def finish() -> None:
+    """The clean end of a run, called by every rank: wait for all of them, then `shutdown()`.
+
+    torch asks jobs to destroy their process group before exiting. A rank that exited with its gloo group alive
+    once aborted in C++ teardown after a finished run ("terminate called without an active exception", exit -6;
+    CI, deepspeed launcher, 2 CPU ranks). The barrier keeps rank 0, which hosts the store, from leaving before the
+    others are done with it.
+    """
+    import torch.distributed as torch_dist
+
+    if _joined():
+        torch_dist.barrier()
+    shutdown()
+
+
 def _joined() -> bool:
     import torch.distributed as torch_dist
 

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mona_dist.config import load_config
+    from mona_dist.distributed import finish
     from mona_dist.train.loop import train
 
-    return train(load_config(args.config, args.overrides), resume=args.resume)
+    code = train(load_config(args.config, args.overrides), resume=args.resume)
+    finish()  # every exit code here is reached by all ranks together (stops are all-reduced)
+    return code
