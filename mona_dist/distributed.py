@@ -259,10 +259,7 @@ def finish() -> None:
     CI, deepspeed launcher, 2 CPU ranks). The barrier keeps rank 0, which hosts the store, from leaving before the
     others are done with it.
     """
-    import torch.distributed as torch_dist
-
-    if _joined():
-        torch_dist.barrier()
+    barrier()
     shutdown()
 
 

@@ -149,7 +149,7 @@ def pad_stack(tensors: list[torch.Tensor], fill: int) -> torch.Tensor:
     for i, t in enumerate(tensors):
         th, tw = t.shape[:2]
         out[i, :th, :tw] = t
-        out[i, th:].fill_(fill)  # only the padding is written twice over: no fill of the whole batch first
+        out[i, th:].fill_(fill)  # fill only the padding, not the whole batch first
         out[i, :th, tw:].fill_(fill)
     return out
 

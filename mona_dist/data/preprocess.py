@@ -75,8 +75,7 @@ class DataPreprocessor(nn.Module):
                 ) -> torch.Tensor | list[torch.Tensor]:
         """A (B, 3, H, W) batch, where `img_sizes` gives each image's valid (h, w) (the rest is padding), or a list
         of (3, h, w) images, each resized to `sizes[i]` when given; `jitter` holds one `JitterDraw` row per image."""
-        if jitter is not None:
-            jitter = jitter.detach().float().cpu()  # 8 numbers per image, read as Python floats: one transfer
+        jitter = _draws(jitter)
         if isinstance(images, (list, tuple)):
             out = []
             for i, im in enumerate(images):
@@ -107,8 +106,7 @@ class DataPreprocessor(nn.Module):
         sizes = batch.get("sizes")
         if sizes is None:
             return self(images, valid, batch.get("jitter")), masks, valid
-        jitter = batch.get("jitter")
-        jitter = None if jitter is None else jitter.detach().float().cpu()
+        jitter = _draws(batch.get("jitter"))
         flips = batch.get("flips")
         flips = [False] * len(images) if flips is None else flips.tolist()
         valid = valid or [tuple(images.shape[-2:])] * len(images)
@@ -133,6 +131,11 @@ class DataPreprocessor(nn.Module):
         sizes = [tuple(int(v) for v in t.get("size", im.shape[-2:])) for t, im in zip(targets, images)]
         out = self(images, jitter=batch.get("jitter"), sizes=sizes)
         return out, [resize_target(t, im.shape[-2:], size) for t, im, size in zip(targets, images, sizes)]
+
+
+def _draws(jitter: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`JitterDraw` rows on the CPU: 8 numbers per image, read as Python floats, so one transfer for the batch."""
+    return None if jitter is None else jitter.detach().float().cpu()
 
 
 def resize_pixels(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -17,9 +17,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as torch_dist
-
-from mona_dist.distributed import get_state
+from mona_dist.distributed import barrier, get_state
 
 SHM_DIR = Path("/dev/shm")
 
@@ -38,9 +36,9 @@ def release_cpu_allreduce_buffer() -> Optional[Path]:
     from deepspeed.accelerator import get_accelerator
 
     state = get_state()
-    if get_accelerator().device_name() != "cpu" or state.world_size < 2 or not torch_dist.is_initialized():
+    if get_accelerator().device_name() != "cpu" or state.world_size < 2:
         return None
-    torch_dist.barrier()  # the same decision on every rank: it depends on the job, not on this rank's files
+    barrier()  # the same decision on every rank: it depends on the job, not on this rank's files
     path = allreduce_buffer(state.rank, state.master_addr, state.master_port)
     try:
         path.unlink()
