@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 BIN=$(dirname "$PY")
 CONFIG=${CONFIG:-configs/demo.yaml}
-export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+# The CPU demo: DeepSpeed on its CPU accelerator (gloo), CUDA hidden even on a GPU host.
+export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 export PATH="$BIN:$PATH"   # the deepspeed launcher starts ranks with the venv's python
 
 if [ ! -f data/synthetic/cls/shards/train.index.json ]; then

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mona_dist.distributed import hide_cuda_under_cpu_accelerator
+
+    hide_cuda_under_cpu_accelerator()  # before anything starts CUDA: a CPU DeepSpeed run stays on the CPU
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -26,7 +26,7 @@ import datetime
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -191,6 +191,19 @@ def detect(env: Mapping[str, str] | None = None) -> DistState:
     return DistState(0, 0, 1, 1, 0, addr, port, "single")
 
 
+def hide_cuda_under_cpu_accelerator(env: MutableMapping[str, str] | None = None) -> bool:
+    """With `DS_ACCELERATOR=cpu`, make CUDA invisible to this process; True when it did. Call before CUDA starts.
+
+    The deepspeed launcher sets CUDA_VISIBLE_DEVICES=0..N-1 for its ranks even with the CPU accelerator, so a CPU
+    run (the test suite, the demo) on a GPU host would pick NCCL, SyncBN and cuda:N under a CPU DeepSpeed.
+    """
+    env = os.environ if env is None else env
+    if env.get("DS_ACCELERATOR") != "cpu" or env.get("CUDA_VISIBLE_DEVICES") == "":
+        return False
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return True
+
+
 _STATE: DistState | None = None
 _PREVIOUS_ENV: dict[str, str | None] = {}  # what init_distributed overwrote, for shutdown() to put back
 
@@ -199,7 +212,9 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistS
     """Detect once, export the env:// variables, pick the device and join the process group (idempotent).
 
     Exports RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT because DeepSpeed and other
-    libraries read those and nothing else (not SLURM's). Backend: nccl when CUDA is available, else gloo.
+    libraries read those and nothing else (not SLURM's). LOCAL_RANK is exported as the CUDA index this rank uses,
+    which DeepSpeed passes to `torch.cuda.set_device`: under `srun --gpus-per-task=1` every task sees one GPU,
+    cuda:0, whatever its SLURM_LOCALID. Backend: nccl when CUDA is available, else gloo.
     """
     global _STATE
     if _STATE is not None:
@@ -207,27 +222,84 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistS
     import torch
     import torch.distributed as torch_dist
 
+    hide_cuda_under_cpu_accelerator()
     state = detect()
-    exported = state.env()
+    device = None
+    if torch.cuda.is_available():
+        device = cuda_index(state.local_rank, torch.cuda.device_count(), state.local_world_size)
+        torch.cuda.set_device(device)
+    exported = exports(state, device)
     _PREVIOUS_ENV.update({k: os.environ.get(k) for k in exported})
     os.environ.update(exported)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(_cuda_index(state.local_rank, torch.cuda.device_count()))
     if state.distributed and not torch_dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         torch_dist.init_process_group(backend=backend, init_method="env://", rank=state.rank,
                                       world_size=state.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        if device is not None:
+            _check_distinct_gpus(state, device)
     _STATE = state
     return state
 
 
-def _cuda_index(local_rank: int, count: int) -> int:
-    # `--gpus-per-task=1`/`--gpu-bind` leave each task exactly one visible device, whatever its local rank.
+def exports(state: DistState, cuda_device: int | None) -> dict[str, str]:
+    """The env:// variables to export: the state's, with LOCAL_RANK = the CUDA index in use (when on CUDA)."""
+    env = state.env()
+    if cuda_device is not None:
+        env["LOCAL_RANK"] = str(cuda_device)
+    return env
+
+
+def cuda_index(local_rank: int, count: int, local_world_size: int = 1) -> int:
+    """The CUDA device of a rank that sees `count` devices.
+
+    One visible device (`srun --gpus-per-task=1`, `--gpu-bind=per_task:1`, a one-GPU job) is cuda:0 whatever the
+    local rank; with several, local rank i takes cuda:i (torchrun, the deepspeed launcher, one srun task per node
+    seeing all GPUs). A local rank beyond the visible devices is an error, not a silent share.
+    """
+    if count < 1:
+        raise ValueError("no CUDA device is visible to this rank")
     if count == 1:
         return 0
     if local_rank >= count:
-        raise ValueError(f"LOCAL_RANK={local_rank} but only {count} CUDA devices are visible")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} of {local_world_size} ranks on this node, but this rank sees only {count} CUDA "
+            f"devices{f' (CUDA_VISIBLE_DEVICES={visible})' if visible else ''}: bind one GPU per task "
+            f"(srun --gpus-per-task=1) or start at most {count} ranks per node")
     return local_rank
+
+
+def gpu_collisions(devices: list[tuple[str, str]]) -> str | None:
+    """`devices[rank] = (host, GPU uuid)`: a one-line description of ranks that would share a GPU, or None."""
+    owner: dict[tuple[str, str], int] = {}
+    for rank, key in enumerate(devices):
+        if key in owner:
+            host, uuid = key
+            return (f"ranks {owner[key]} and {rank} on {host} both use GPU {uuid}: more ranks per node than GPUs "
+                    f"visible to them. Bind one GPU per task (srun --gpus-per-task=1) or start one rank per GPU")
+        owner[key] = rank
+    return None
+
+
+def _check_distinct_gpus(state: DistState, device: int) -> None:
+    """Refuse, on every rank, a job where two ranks of one node would drive the same GPU.
+
+    NCCL would fail later with "Duplicate GPU detected" (or hang). The check runs over a short-lived gloo group
+    because an NCCL collective is exactly what cannot run yet.
+    """
+    import socket
+
+    import torch
+    import torch.distributed as torch_dist
+
+    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", device))
+    group = torch_dist.new_group(backend="gloo")
+    devices: list[Any] = [None] * state.world_size
+    torch_dist.all_gather_object(devices, (socket.gethostname(), uuid), group=group)
+    torch_dist.destroy_process_group(group)
+    problem = gpu_collisions([tuple(d) for d in devices])
+    if problem:
+        raise ValueError(problem)
 
 
 def get_state() -> DistState:

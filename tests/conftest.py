@@ -2,11 +2,30 @@
 
 import os
 
-# DeepSpeed picks its accelerator at import; the suite runs on CPU everywhere (CI has no GPU).
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import pytest
+
+# The suite is the CPU suite: on a GPU host, tests (and every process they start, which inherits this
+# environment) must not pick NCCL, SyncBN or cuda:N under a CPU DeepSpeed. `make gpu-check` sets
+# MONA_DIST_TEST_GPU=1 and runs the tests marked `gpu`, which see the GPUs.
+GPU_RUN = os.environ.get("MONA_DIST_TEST_GPU") == "1"
+if not GPU_RUN:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # DeepSpeed picks its accelerator at import; the CPU suite runs it on CPU (gloo).
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Two cores here: keep each test process to one intra-op thread so multi-rank tests don't oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only with MONA_DIST_TEST_GPU=1 on a machine with CUDA; elsewhere they skip, saying why."""
+    if GPU_RUN and torch.cuda.is_available():
+        return
+    reason = ("no CUDA device visible" if GPU_RUN else
+              "CPU suite: CUDA hidden (run `make gpu-check`, which sets MONA_DIST_TEST_GPU=1, on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
