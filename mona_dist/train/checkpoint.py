@@ -3,7 +3,7 @@
     <output_dir>/checkpoints/
         step-000020/            one complete checkpoint (written as .step-000020.partial/, renamed when done)
             engine/ | engine.pt   engine state: DeepSpeed's sharded format, or torch.save for ddp/fairscale
-            rank-00000.pt ...     per rank: RNG states (python, numpy, torch, cuda) and the data position
+            rank-00000.pt ...     per rank: RNG states (python, numpy, torch, this rank's GPU) and the data position
             adapter.safetensors   the trainable weights alone (`mona_dist.adapters.save_adapter`)
             meta.json             written last: step, world size, engine, frozen-weight fingerprint
         latest -> step-000020   a symlink, replaced atomically (rename) only after the step directory is complete
@@ -53,7 +53,8 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own device only: a requeued job may see fewer GPUs per task (one, under --gpus-per-task=1).
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -63,8 +64,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"])
 
 
 def frozen_fingerprint(model: torch.nn.Module) -> float:
