@@ -18,12 +18,12 @@ from typing import Literal
 
 from .config import DataConfig, PipelineConfig, default_pipeline
 from .index import ShardSet, resolve_shards
-from .loader import ShardLoader
+from .loader import ShardLoader, is_padding
 from .preprocess import DataPreprocessor
 
 TASKS = ("cls", "seg", "coco", "voc")
 
-__all__ = ["DataConfig", "DataPreprocessor", "PipelineConfig", "ShardLoader", "ShardSet", "build_loader",
+__all__ = ["DataConfig", "DataPreprocessor", "PipelineConfig", "ShardLoader", "ShardSet", "build_loader", "is_padding",
            "default_pipeline", "resolve_shards"]
 
 
@@ -53,5 +53,5 @@ def build_loader(task: str, cfg: DataConfig, split: Literal["train", "val"], *, 
         batch_size=cfg.batch_size if train else cfg.eval_batch_size, workers=cfg.workers,
         shuffle_buffer=cfg.shuffle_buffer if train else 0, resampled=cfg.resampled and train,
         epoch_samples=cfg.epoch_samples, drop_last=cfg.drop_last, pin_memory=cfg.pin_memory,
-        prefetch_factor=cfg.prefetch_factor,
+        prefetch_factor=cfg.prefetch_factor, equal_eval_batches=True,
     )

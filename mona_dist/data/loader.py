@@ -42,6 +42,7 @@ class StreamSpec:
     shuffle_buffer: int
     resampled: bool
     epoch_samples: Optional[int]
+    equal_eval_batches: bool = False  # val: pad every rank to the same batch count (plan.py)
     rotation: int = 0  # physical worker i plays logical worker (i + rotation) % num_workers
     resume: tuple[tuple[int, int], ...] = ()  # per logical worker: (raw consumed, emitted) so far
 
@@ -50,6 +51,7 @@ class StreamSpec:
             self.shards, train=self.train, rank=self.rank, world_size=self.world_size, worker=worker,
             num_workers=self.num_workers, seed=self.seed, epoch=self.epoch, drop_last=self.drop_last,
             resampled=self.resampled, epoch_samples=self.epoch_samples,
+            batch_size=self.batch_size if self.equal_eval_batches else None,
         )
 
 
@@ -114,6 +116,7 @@ class _WorkerStream(IterableDataset):
         in_main = torch.utils.data.get_worker_info() is None
         pool = None if in_main or self.block_flags is None else BlockPool(self.block_flags, physical)
         buffer: list = []
+        batches, first = 0, None  # batches sent; the first decoded record (what padding batches repeat)
 
         def meta():
             return (worker, raw, emitted, skips.samples, skips.shards)
@@ -133,16 +136,39 @@ class _WorkerStream(IterableDataset):
                 if state is not None:
                     torch.set_rng_state(state)
             emitted += 1
+            first = buffer[-1] if first is None else first
             if len(buffer) == spec.batch_size:
                 yield meta(), self._batch(buffer, in_main, pool)
-                buffer = []
+                batches, buffer = batches + 1, []
         if buffer and not spec.drop_last:
             yield meta(), self._batch(buffer, in_main, pool)
+            batches += 1
+        while plan.eval_batches is not None and batches < plan.eval_batches:  # equal batch counts: plan.py
+            first = first if first is not None else self._pad_record()
+            yield meta(), self._batch([first], in_main, pool, pad=True)
+            batches += 1
         yield meta(), None
 
-    def _batch(self, records: list, in_main: bool, pool: Optional[BlockPool]) -> Any:
+    def _batch(self, records: list, in_main: bool, pool: Optional[BlockPool], pad: bool = False) -> Any:
         batch = self.collate_fn(records)
+        if pad:
+            batch["pad"] = True  # run through the model like any batch, never scored (`is_padding`)
         return batch if in_main else pack(batch, pool)  # one shared block per batch: see transfer.py
+
+    def _pad_record(self) -> Any:
+        """The first decodable sample of the whole split, for a worker that has none of its own to repeat."""
+        for url in self.spec.shards.urls:
+            for sample in iter_shard(url, skips=SkipCounter()):
+                try:
+                    return self.sample_fn(sample)
+                except Exception:  # noqa: BLE001 -- corrupt: try the next one
+                    continue
+        raise ValueError(f"no decodable sample in {len(self.spec.shards.urls)} val shards to pad ranks' batch counts")
+
+
+def is_padding(batch: Any) -> bool:
+    """True for the padding batches that equalise val batch counts across ranks: evaluate them, never score them."""
+    return isinstance(batch, dict) and bool(batch.get("pad", False))
 
 
 def _identity(x):
@@ -162,12 +188,14 @@ class ShardLoader:
     def __init__(self, shards: ShardSet, sample_fn: Callable, collate_fn: Callable, *, train: bool, rank: int,
                  world_size: int, seed: int, batch_size: int, workers: int, shuffle_buffer: int = 0,
                  resampled: bool = False, epoch_samples: Optional[int] = None, drop_last: bool = False,
-                 pin_memory: bool = False, prefetch_factor: int = 2):
+                 pin_memory: bool = False, prefetch_factor: int = 2, equal_eval_batches: bool = False):
         self.shards, self.sample_fn, self.collate_fn = shards, sample_fn, collate_fn
         self.train, self.rank, self.world_size, self.seed = train, rank, world_size, seed
         self.batch_size, self.workers = batch_size, workers
         self.shuffle_buffer, self.resampled, self.epoch_samples = shuffle_buffer, resampled, epoch_samples
         self.drop_last = drop_last and train
+        # val: every rank runs the same number of batches, padding ones (dict batches with "pad": True) included
+        self.equal_eval_batches = equal_eval_batches and not train
         self.pin_memory, self.prefetch_factor = pin_memory and torch.cuda.is_available(), prefetch_factor
         self.epoch = 0
         self._skipped_before = {"samples": 0, "shards": 0}
@@ -208,7 +236,7 @@ class ShardLoader:
         return StreamSpec(
             self.shards, self.train, self.rank, self.world_size, self.num_workers, self.seed, self.epoch,
             self.batch_size, self.drop_last, self.shuffle_buffer, self.resampled, self.epoch_samples,
-            rotation=self._next_worker, resume=tuple(self._resume),
+            self.equal_eval_batches, rotation=self._next_worker, resume=tuple(self._resume),
         )
 
     def __len__(self) -> int:

@@ -6,6 +6,10 @@ Non-resampled, counts known (an index, or local tars we counted):
   slice touches and stops reading a shard at the slice end. So every sample is read by exactly one worker.
   - val (and train with drop_last=False): slices cut at floor(i * T / n): every sample exactly once, ranks differ by
     at most one sample.
+  - val with the batch size given: every rank also runs the same number of batches. Ranks whose share makes fewer
+    batches than the largest share get padding batches (one sample each, marked `"pad": True`, never scored) on their
+    first worker, and a worker whose corrupt samples shortened it pads up to its planned count. Under ZeRO-3 every
+    forward all-gathers the weights, so a rank with one batch more than the others would wait alone forever.
   - train with drop_last=True: every rank gets T // world_size samples (the tail of this epoch's order is dropped)
     and each worker emits exactly floor(n_w / batch) batches -- re-reading its slice if corrupt samples made it
     short -- so all ranks take the same number of steps.
@@ -16,6 +20,7 @@ Resampled: each worker draws shards with replacement from its own (seed, epoch, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ class WorkerPlan:
     target_samples: Optional[int]  # emit exactly this many samples (train); None = until the segments end
     shuffle_seed: int
     augment_seed: int
+    eval_batches: Optional[int] = None  # val: emit exactly this many batches, padding batches included
 
     @property
     def resampled(self) -> bool:
@@ -69,6 +75,7 @@ def worker_plan(
     drop_last: bool,
     resampled: bool = False,
     epoch_samples: Optional[int] = None,
+    batch_size: Optional[int] = None,
 ) -> WorkerPlan:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -107,11 +114,29 @@ def worker_plan(
             stop = b - offset if b - offset < count else None
             segments.append(Segment(shards.urls[i], a - offset, stop, b - a))
         offset += count
-    return WorkerPlan(tuple(segments), (), hi - lo if balanced else None, **seeds)
+    eval_batches = None
+    if not train and batch_size is not None:
+        eval_batches = -(-(hi - lo) // batch_size)
+        if worker == 0:
+            eval_batches += eval_pad_batches(sum(shards.counts), world_size, num_workers, batch_size)[rank]
+    return WorkerPlan(tuple(segments), (), hi - lo if balanced else None, **seeds, eval_batches=eval_batches)
+
+
+@functools.lru_cache(maxsize=64)
+def eval_pad_batches(total: int, world_size: int, num_workers: int, batch_size: int) -> tuple[int, ...]:
+    """Per rank: padding batches that bring its val batches up to the largest rank's (see the module docstring)."""
+    per_rank = []
+    for rank in range(world_size):
+        rank_lo, rank_hi = _split(0, total, world_size, rank)
+        slices = (_split(rank_lo, rank_hi, num_workers, w) for w in range(num_workers))
+        per_rank.append(sum(-(-(hi - lo) // batch_size) for lo, hi in slices))
+    return tuple(max(per_rank) - n for n in per_rank)
 
 
 def planned_batches(plan: WorkerPlan, batch_size: int, drop_last: bool) -> Optional[int]:
     """Batches this worker will emit if no sample is corrupt (None when shard counts are unknown)."""
+    if plan.eval_batches is not None:
+        return plan.eval_batches
     if plan.target_samples is not None:
         n = plan.target_samples
     elif all(s.count is not None for s in plan.segments):

@@ -7,12 +7,13 @@ this order: `check(cfg)` at start-up (config errors surface before anything is b
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from mona_dist.config.loader import ConfigError
+from mona_dist.data import is_padding
 from mona_dist.data.preprocess import DataPreprocessor
 
 if TYPE_CHECKING:
@@ -78,6 +79,15 @@ class Task:
     def batch_size(batch: Any) -> int:
         """Samples in a batch: `images` is a tensor (cls, seg) or a list of tensors (coco, voc)."""
         return len(batch["images"])
+
+
+def scored_batches(model: Callable[[Any], Any], loader: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    """(batch, model(batch)) for every batch to score. Padding batches (`data.plan`: equal val batch counts per
+    rank) run through the model too, since every rank must run the same forwards under ZeRO-3, but are not yielded."""
+    for batch in loader:
+        out = model(batch)
+        if not is_padding(batch):
+            yield batch, out
 
 
 T = TypeVar("T", bound=type[Task])

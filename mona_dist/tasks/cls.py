@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from mona_dist.config.loader import ConfigError
 from mona_dist.data.preprocess import DataPreprocessor
 from mona_dist.models import Backbone, build_backbone
-from mona_dist.tasks.base import Task, register_task
+from mona_dist.tasks.base import Task, register_task, scored_batches
 
 
 class ClsHeadOptions(BaseModel):
@@ -81,8 +81,8 @@ class ClsTask(Task):
     @torch.no_grad()
     def evaluate(self, model: Callable[[Any], Any], loader: Any, dist) -> dict[str, float]:
         counts = torch.zeros(3, dtype=torch.float64)  # top1, top5, samples
-        for batch in loader:
-            logits = model(batch)["logits"].float().cpu()
+        for batch, out in scored_batches(model, loader):
+            logits = out["logits"].float().cpu()
             top1, top5 = topk_correct(logits, batch["labels"].cpu())
             counts += torch.tensor([top1, top5, len(logits)], dtype=torch.float64)
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:

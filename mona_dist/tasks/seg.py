@@ -23,7 +23,7 @@ from torch import nn
 from ..data.preprocess import DataPreprocessor
 from ..models import BACKBONES, build_backbone
 from . import mmseg_compat
-from .base import Task, register_task, unwrap
+from .base import Task, register_task, scored_batches, unwrap
 from .heads import class_count
 from .heads.pyramid import needs_pyramid
 
@@ -232,8 +232,7 @@ def evaluate_segmentation(
     Scored against "orig_masks" at the original size when the batch has them (the eval pipeline), else "masks".
     """
     areas = torch.zeros(4, num_classes, dtype=torch.float64)
-    for batch in loader:
-        preds = model(batch)
+    for batch, preds in scored_batches(model, loader):
         labels = batch["orig_masks"] if "orig_masks" in batch and not torch.is_tensor(preds) else batch["masks"]
         for pred, label in zip(preds, labels):
             areas += batch_areas(pred.cpu(), label.cpu(), num_classes, ignore_index)

@@ -135,3 +135,24 @@ def test_preemption_signal_on_one_rank_stops_all_ranks_with_75(tmp_path, cls_sha
                             "--resume", "auto"))
     assert rc == 0, out[-3000:]
     assert f"at step {stopped_at}" in out and max(step_losses(out_dir)) == stopped_at + 2
+
+
+@pytest.mark.slow
+def test_zero3_evaluation_with_shares_one_batch_apart_finishes(tmp_path):
+    """15 val images on 2 ranks at eval batch 7: shares of 7 and 8 are 1 and 2 batches. Under ZeRO-3 every forward
+    all-gathers the weights, so without padding rank 1's second batch waits for rank 0 until the gloo timeout."""
+    from mona_dist.data.synthetic import build
+
+    build("cls", str(tmp_path / "data"), num_train=16, num_val=15, size=40, per_shard=8)
+    # ZeRO-3 keeps parameters under 1e5 elements whole on every rank; partition all of swin_nano's
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    cfg = tiny_config(tmp_path, tmp_path / "data" / "shards",
+                      engine={"name": "deepspeed", "zero_stage": 3, "deepspeed_config": str(ds_json)},
+                      data={"eval_batch_size": 7},
+                      train={"max_steps": 1, "ckpt_interval": 0, "eval_at_end": True})
+    rc, out = finish(launch(cfg), timeout=300)
+    assert rc == 0, out[-3000:]
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "eval/samples" in line]
+    assert [e["eval/samples"] for e in evals] == [15.0]  # the padding batch ran but was not scored

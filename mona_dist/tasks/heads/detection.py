@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from mona_dist.data.preprocess import DataPreprocessor
+from mona_dist.tasks.base import scored_batches
 
 
 class PrenormalizedTransform(GeneralizedRCNNTransform):
@@ -98,8 +99,7 @@ def predict_dataset(model: Callable[[dict], list[dict]], loader) -> Iterator[tup
     `model(batch)` runs in eval mode on the right device: the trainer passes its engine, which moves and casts the
     batch; targets are read from the loader's own (CPU) batch.
     """
-    for batch in loader:
-        preds = model(batch)
+    for batch, preds in scored_batches(model, loader):
         yield from zip(batch["targets"], preds, [tuple(img.shape[-2:]) for img in batch["images"]])
 
 
