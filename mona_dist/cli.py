@@ -30,17 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mona_dist.distributed import hide_cuda_under_cpu_accelerator
+    from mona_dist import distributed
 
-    hide_cuda_under_cpu_accelerator()  # before anything starts CUDA: a CPU DeepSpeed run stays on the CPU
+    distributed.hide_cuda_under_cpu_accelerator()  # before anything starts CUDA: a CPU DeepSpeed run stays on the CPU
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, KeyError, FileNotFoundError) as err:
         # Bad input: one line that names what was wrong, no traceback.
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mona-dist {args.command}: error: {msg}", file=sys.stderr)
+        distributed.leave(wait_for_peers=False)  # the other ranks may never get here: no barrier
         return 2
+    # Every command that joined a process group leaves it on every rank before the interpreter shuts down: see
+    # distributed.finish (a rank that exits inside the group can abort in gloo's teardown).
+    distributed.leave(wait_for_peers=True)
+    return code
 
 
 if __name__ == "__main__":

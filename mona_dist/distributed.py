@@ -326,13 +326,31 @@ def shutdown() -> None:
 def finish() -> None:
     """The clean end of a run, called by every rank: wait for all of them, then `shutdown()`.
 
-    torch asks jobs to destroy their process group before exiting. A rank that exited with its gloo group alive
-    once aborted in C++ teardown after a finished run ("terminate called without an active exception", exit -6;
-    CI, deepspeed launcher, 2 CPU ranks). The barrier keeps rank 0, which hosts the store, from leaving before the
-    others are done with it.
+    Why every process that joined a gloo group must leave it before the interpreter shuts down (issue 19, shown with
+    a core dump of an aborting rank): gloo's worker threads (`pt_gloo_runloop`) destroy each finished collective's
+    work object themselves, and with it their references to the collective's tensors, which takes the GIL. A rank
+    that returns from its last collective and exits at once can reach `Py_FinalizeEx` before its worker thread has
+    done so; the worker's `take_gil` then calls `pthread_exit` while the interpreter is finalizing, the forced
+    unwind meets a noexcept frame of `ProcessGroupGloo::runLoop`, and libstdc++ calls std::terminate: SIGABRT,
+    "terminate called without an active exception" and nothing else. It hit `mona-dist bench` (rank 1 exits right
+    after the last all_reduce while rank 0 still writes the report) in about 1 run in 8, and a bare 2-rank gloo
+    script that exits without `destroy_process_group` in about 1 in 20. The barrier makes every rank's last
+    collective complete before any rank goes on, and the group is torn down while the interpreter is alive
+    (torch's documentation asks every job to call `destroy_process_group()` at its end).
     """
     barrier()
     shutdown()
+
+
+def leave(wait_for_peers: bool) -> None:
+    """End of a command: `finish()` if this process joined a group (all ranks got here), or just `shutdown()`
+    without a barrier when it is leaving on an error that other ranks may never reach."""
+    if _STATE is None:
+        return
+    if wait_for_peers:
+        finish()
+    else:
+        shutdown()
 
 
 def _joined() -> bool:

@@ -21,9 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mona_dist.config import load_config
-    from mona_dist.distributed import finish
     from mona_dist.train.loop import train
 
-    code = train(load_config(args.config, args.overrides), resume=args.resume)
-    finish()  # every exit code here is reached by all ranks together (stops are all-reduced)
-    return code
+    # Every exit code here is reached by all ranks together (stops are all-reduced), so `mona_dist.cli.main`'s
+    # finish() barrier after this returns is met by every rank.
+    return train(load_config(args.config, args.overrides), resume=args.resume)

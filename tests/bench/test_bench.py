@@ -10,6 +10,7 @@ import torch
 
 from mona_dist.bench.report import write_outputs
 from mona_dist.bench.runner import BenchSpec, run_bench
+from ports import free_port
 
 REQUIRED = {"method", "trainable", "peak_mem_bytes", "saved_activation_bytes", "step_time_s", "model_state_bytes",
             "images_per_s", "peak_vs_full", "peak_vs_fixed", "time_vs_full"}
@@ -56,17 +57,36 @@ def test_outputs_are_written_and_well_formed(rows, tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
 
 
+# Each rank runs the real `mona-dist` entry point, then reports whether it is still in a process group.
+RANK_DRIVER = """
+import sys
+import torch.distributed as dist
+from mona_dist.cli import main
+rank = next(a.split("=")[1] for a in sys.argv if a.startswith("--local_rank="))
+code = main([a for a in sys.argv[1:] if not a.startswith("--local_rank=")])
+print(f"RANK {rank} exit {code} still_in_group {dist.is_initialized()}", flush=True)
+sys.exit(code)
+"""
+
+
 @pytest.mark.slow
 def test_two_rank_zero3_holds_less_model_state_per_rank_than_zero0(tmp_path):
+    driver = tmp_path / "rank_driver.py"
+    driver.write_text(RANK_DRIVER)
+
     def run(zero: int) -> dict:
         out = tmp_path / f"z{zero}"
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29611 + zero), "--module", "mona_dist.cli", "bench",
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(driver), "bench",
                "--backbone", "swin_nano_patch4_window7", "--methods", "full,e3va", "--engine", "deepspeed",
                "--zero", str(zero), "--batch-size", "1", "--img-size", "64", "--steps", "1", "--warmup", "1",
                "--device", "cpu", "--out", str(out)]
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        # Both ranks left the gloo group before their interpreter shut down (distributed.finish): a rank that exits
+        # inside it can abort in gloo's teardown ("terminate called without an active exception", issue 19).
+        left = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK "))
+        assert left == ["RANK 0 exit 0 still_in_group False", "RANK 1 exit 0 still_in_group False"], proc.stdout[-2000:]
         return {r["method"]: r for r in json.loads((out / "bench.json").read_text())}
 
     z0, z3 = run(0), run(3)
