@@ -163,7 +163,9 @@ def test_longest_key_wins_ties_alphabetical_and_lr_mult():
     assert got["backbone.0.weight"] == (1e-4, 0.05) and got["backbone.1.weight"] == (2e-3, 0.0)
     assert got["head.bias"] == (3e-3, 0.05) and got["head.weight"] == (4e-3, 0.05)
     assert ours(model, {"bias_lr_mult": 5.0})[id(model.head.bias)] == (5e-3, 0.05)
-    assert ours(model, {"bias_lr_mult": 5.0})[id(model.backbone[1].bias)] == (1e-3, 0.05)  # not a norm's bias
+    assert ours(model, {"bias_lr_mult": 5.0})[id(model.backbone[1].bias)] == (1e-3, 0.05)  # a norm's bias keeps it
+    tie = {"custom_keys": {"head": {"lr_mult": 7.0}, "ad.w": {"lr_mult": 8.0}}}  # same length: alphabetical first
+    assert ours(model, tie)[id(model.head.weight)] == (8e-3, 0.05) and ours(model, tie)[id(model.head.bias)][0] == 7e-3
 
 
 def test_no_trainable_parameters_is_a_clear_error():
