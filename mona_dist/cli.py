@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "mona_dist.models.cli",  # params, convert
     "mona_dist.data.cli",  # shards, bench-data
     "mona_dist.bench.cli",  # bench
+    "mona_dist.config.cli",  # recipes
 ]
 
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# ADE20K semantic segmentation: UperNet on Swin-L with Mona (160k iterations, 512 crops).
+# ADE20K semantic segmentation: UperNet on Swin-L with Mona (160k iterations, 512 crops, 16 per step).
 #
-# Defaults: 4 nodes x 8 GPUs, one task (= one rank) per GPU. Override with sbatch flags or environment, e.g.
+# Defaults: 1 node x 8 GPUs = 8 ranks x 2 images: the official 16 images per step (log/ade20k/mona.txt: 8 GPUs), one task (= one rank) per GPU.
+# The recipe fixes the images per step (train.global_batch): on other world sizes each rank's share and
+# the gradient accumulation follow; a world size that cannot split it is refused. Override, e.g.
 #   sbatch slurm/ade20k_mona.sh
-#   SET="train.max_steps=1000" RUN_DIR=runs/try1 sbatch --nodes=2 slurm/ade20k_mona.sh
+#   SET="optim.lr=2e-4" RUN_DIR=runs/try1 sbatch --nodes=2 slurm/ade20k_mona.sh
 #   CONFIG=configs/cpu/ade20k.yaml sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 slurm/ade20k_mona.sh   # CPU-only nodes
 # Submit from the checkout (or set MONA_DIST_ROOT). Knobs and the pre-emption/requeue protocol: slurm/common.sh.
 #SBATCH --job-name=ade20k_mona
-#SBATCH --nodes=4
+#SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8

@@ -8,9 +8,9 @@ the task itself (`Task.head_options`), so adding a task never touches this file.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -31,25 +31,57 @@ class ModelConfig(Section):
     head: dict[str, Any] = Field(default_factory=dict)
 
 
+class CustomKeyConfig(Section):
+    """One `paramwise.custom_keys` entry: multipliers for every parameter whose name contains the key."""
+
+    lr_mult: float = Field(1.0, ge=0.0)
+    decay_mult: float = Field(1.0, ge=0.0)
+
+
+class ParamwiseConfig(Section):
+    """mmcv 1.x `DefaultOptimizerConstructor`'s `paramwise_cfg` (the official runs' rules, `engine/optim.py`).
+
+    Per parameter: the longest key of `custom_keys` contained in its name wins (ties: the alphabetically first) and
+    sets lr and weight decay multipliers; only a parameter no key matches gets the rules below, first match wins:
+    norm layer (by module type) -> `norm_decay_mult`; depthwise Conv2d (groups == in_channels) ->
+    `dwconv_decay_mult`; a parameter named `bias` -> `bias_decay_mult`. `bias_lr_mult` applies to biases outside
+    norm layers. Names are matched as the official models spell them (`backbone.` + the backbone's own names).
+    """
+
+    custom_keys: dict[str, CustomKeyConfig] = Field(default_factory=dict)
+    bias_lr_mult: float = Field(1.0, ge=0.0)
+    bias_decay_mult: float = Field(1.0, ge=0.0)
+    norm_decay_mult: float = Field(1.0, ge=0.0)
+    dwconv_decay_mult: float = Field(1.0, ge=0.0)
+
+
 class OptimConfig(Section):
-    """AdamW over the trainable parameters only."""
+    """AdamW over the trainable parameters only, grouped by `paramwise` (mmcv 1.x rules)."""
 
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
-    # Parameter-name prefix -> learning-rate multiplier (e.g. {"head": 10.0}); the longest matching prefix wins.
-    lr_mult: dict[str, float] = Field(default_factory=dict)
+    paramwise: ParamwiseConfig = Field(default_factory=ParamwiseConfig)
 
 
 class ScheduleConfig(Section):
-    """Learning-rate factor per optimizer step: linear warm-up, then `kind` decays towards `min_lr_ratio`."""
+    """mmcv 1.x LrUpdaterHook arithmetic: lr(step) = base_lr * regular(step) * warmup(step).
+
+    `regular` decays over the whole run, warm-up included: poly `r + (1 - r) * (1 - p / P) ** power`, cosine
+    `r + (1 - r) * (1 + cos(pi * p / P)) / 2` (r = min_lr_ratio), step `gamma ** (milestones passed)`. With
+    `by_epoch`, p / P count epochs (the lr changes at epoch boundaries, as mmdet's step schedule), else steps.
+    Warm-up multiplies on top for the first `warmup_iters` steps (epochs with `warmup_by_epoch`, as mmcls):
+    `warmup_ratio + (1 - warmup_ratio) * step / warmup_iters`.
+    """
 
     kind: Literal["cosine", "poly", "step", "constant"] = "cosine"
+    by_epoch: bool = False
     warmup_iters: int = Field(0, ge=0)
-    warmup_start: float = Field(1e-3, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(1e-3, ge=0.0, le=1.0)
+    warmup_by_epoch: bool = False
     power: float = Field(1.0, gt=0.0)
-    milestones: list[int] = Field(default_factory=list)
+    milestones: list[int] = Field(default_factory=list)  # epochs with by_epoch, else steps
     gamma: float = Field(0.1, gt=0.0)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
 
@@ -67,7 +99,21 @@ class EngineConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(100, gt=0)
+    """How long, how many images per step, and when to log, evaluate and checkpoint.
+
+    Length: `max_steps` optimizer steps, or `epochs` passes over the training shards (steps per epoch come from the
+    shard index and the global batch at start-up); set one of them, the other null.
+    `global_batch` is the recipe's images per optimizer step over all ranks: each rank's share is run as
+    `engine.grad_accum` micro-batches of at most `data.batch_size` images, both derived from the world size.
+    Without it, a step is `data.batch_size x engine.grad_accum x world size` images. `batch_override` runs another
+    global batch with the lr scaled linearly (lr x override / global_batch); the run's log says so.
+    """
+
+    max_steps: Optional[int] = Field(None, gt=0)
+    epochs: Optional[int] = Field(None, gt=0)
+    global_batch: Optional[int] = Field(None, gt=0)
+    batch_override: Optional[int] = Field(None, gt=0)
+    interval_unit: Literal["step", "epoch"] = "step"  # unit of eval_interval and ckpt_interval
     log_interval: int = Field(10, gt=0)
     eval_interval: int = Field(0, ge=0)  # 0: evaluate only at the end
     eval_at_end: bool = True
@@ -75,6 +121,17 @@ class TrainConfig(Section):
     keep_last: int = Field(3, ge=1)
     seed: int = 0
     nan_policy: Literal["stop", "skip"] = "stop"
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainConfig":
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(f"set train.max_steps ({self.max_steps}) or train.epochs ({self.epochs}), not both "
+                             "(set the other to null)")
+        if self.max_steps is None and self.epochs is None:
+            object.__setattr__(self, "max_steps", 100)
+        if self.batch_override is not None and self.global_batch is None:
+            raise ValueError("train.batch_override needs train.global_batch (the recipe's batch the lr belongs to)")
+        return self
 
 
 class MonitorConfig(Section):
@@ -103,6 +160,8 @@ def combination_errors(engine: EngineConfig, train: TrainConfig | None = None) -
         errors.append(("engine.offload_params", "parameter offload needs engine.zero_stage 3"))
     if e.name != "deepspeed" and e.deepspeed_config:
         errors.append(("engine.deepspeed_config", f"a DeepSpeed JSON needs engine.name=deepspeed, not {e.name}"))
+    if train is not None and train.global_batch is not None and e.grad_accum != 1:
+        errors.append(("engine.grad_accum", "is derived from train.global_batch and the world size; leave it at 1"))
     if train is not None and train.nan_policy == "skip" and e.name == "deepspeed" and e.grad_accum > 1:
         # DeepSpeed has no public way to drop gradients already reduced for earlier micro-batches of a step.
         errors.append(("train.nan_policy", "skip needs engine.grad_accum 1 with the deepspeed engine"))

@@ -63,8 +63,46 @@ class ColorJitterConfig(_Strict):
     p: float = Field(1.0, ge=0, le=1, description="probability to apply the jitter at all")
 
 
+COCO_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+
+
+class AutoAugmentConfig(_Strict):
+    """mmdet 2.x `AutoAugment` with the DETR / Sparse R-CNN policies of the official COCO recipe.
+
+    Per sample one of two policies, uniformly: (a) keep-ratio resize to a short side drawn from `scales` (long side
+    at most `max_size`); (b) keep-ratio resize to a short side from `crop_scales`, a random crop whose height and
+    width are each drawn from [crop_size[0], crop_size[1]] (at most the image's), objects left without area dropped
+    (allow_negative_crop), then (a) on the crop.
+    """
+
+    scales: tuple[int, ...] = COCO_SCALES
+    max_size: int = Field(1333, gt=0)
+    crop_scales: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "AutoAugmentConfig":
+        if not self.scales or not self.crop_scales or min(*self.scales, *self.crop_scales) <= 0:
+            raise ValueError("auto_augment.scales and crop_scales need positive short sides")
+        if not 0 < self.crop_size[0] <= self.crop_size[1]:
+            raise ValueError(f"auto_augment.crop_size needs 0 < lo <= hi, got {self.crop_size}")
+        return self
+
+
+class PhotoMetricConfig(_Strict):
+    """mmseg's `PhotoMetricDistortion` (official ADE20K recipe): brightness `+ U(-delta, delta)`, contrast
+    `x U(range)`, saturation (HSV S) `x U(range)`, hue (HSV H) `+ randint(-delta, delta)`, each with p = 0.5,
+    contrast second or last; drawn in the workers, applied on the device (`data/photometric.py`)."""
+
+    brightness_delta: int = Field(32, ge=0)
+    contrast_range: tuple[float, float] = (0.5, 1.5)
+    saturation_range: tuple[float, float] = (0.5, 1.5)
+    hue_delta: int = Field(18, ge=0)
+
+
 class PipelineConfig(_Strict):
-    """Per-sample transforms, applied in this order: resize, random_resized_crop, crop, center_crop, flip, jitter.
+    """Per-sample transforms, applied in this order: resize (or auto_augment), random_resized_crop, crop,
+    center_crop, flip, jitter / photometric.
 
     Unset steps are skipped. Eval pipelines should use only `resize` (+ `center_crop` for cls): they are run
     deterministically whatever is set (random steps are dropped in eval, see `mona_dist.data.transforms`).
@@ -76,6 +114,8 @@ class PipelineConfig(_Strict):
     center_crop: Optional[int] = Field(None, description="cls eval: square centre crop after resize")
     flip: float = Field(0.0, ge=0, le=1, description="horizontal flip probability")
     color_jitter: Optional[ColorJitterConfig] = None
+    auto_augment: Optional[AutoAugmentConfig] = Field(None, description="coco/voc train: mmdet's multi-scale policy")
+    photometric: Optional[PhotoMetricConfig] = Field(None, description="mmseg's PhotoMetricDistortion")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -93,12 +133,12 @@ def default_pipeline(task: str, split: str) -> PipelineConfig:
                 resize=ResizeConfig(short=512, max_size=2048, ratio_range=(0.5, 2.0)),
                 crop=CropConfig(size=(512, 512), cat_max_ratio=0.75),
                 flip=0.5,
-                color_jitter=ColorJitterConfig(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05),
+                photometric=PhotoMetricConfig(),
             )
         return PipelineConfig(resize=ResizeConfig(short=512, max_size=2048))
     if task == "coco":
         if train:
-            return PipelineConfig(resize=ResizeConfig(short=(480, 800), max_size=1333), flip=0.5)
+            return PipelineConfig(auto_augment=AutoAugmentConfig(), flip=0.5)
         return PipelineConfig(resize=ResizeConfig(short=800, max_size=1333))
     if task == "voc":
         return PipelineConfig(resize=ResizeConfig(short=600, max_size=1000), flip=0.5 if train else 0.0)

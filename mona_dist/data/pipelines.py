@@ -19,7 +19,8 @@ Images leave the workers as uint8 pixels (a quarter of float32's bytes through s
 to device copy); the model normalises them on its device and zeroes the padding (`preprocess.DataPreprocessor`, as
 mmseg/mmdet 1.x's data preprocessors do). Batches are padded (cls/seg) with pixel 0 and label 255. With a
 `color_jitter` in the train pipeline, batches carry "jitter": float (B, 8), the worker's random draws for each
-sample, which the device applies before normalising (`preprocess.DataPreprocessor`, `transforms.JitterDraw`).
+sample, which the device applies before normalising (`preprocess.DataPreprocessor`, `transforms.JitterDraw`);
+with a `photometric` step, "photometric": float (B, 9), mmseg PhotoMetricDistortion's draws (`photometric.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from .config import PipelineConfig
+from .photometric import PhotoMetricDraw
 from .transforms import IGNORE_INDEX, JitterDraw, build_transform
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
@@ -174,6 +176,9 @@ class TaskPipeline:
         self.transform = build_transform(task, cfg, train)
         cj = cfg.color_jitter if train else None
         self.jitter = JitterDraw(cj.brightness, cj.contrast, cj.saturation, cj.hue, cj.p) if cj else None
+        pm = cfg.photometric if train else None
+        self.photometric = PhotoMetricDraw(pm.brightness_delta, tuple(pm.contrast_range), tuple(pm.saturation_range),
+                                           pm.hue_delta) if pm else None
         self.label_map: dict = {}
         if task in ("coco", "voc"):
             if not classes:
@@ -194,12 +199,15 @@ class TaskPipeline:
         record = self.transform(self.decode(raw))
         if self.jitter is not None:
             record["jitter"] = self.jitter()
+        if self.photometric is not None:
+            record["photometric"] = self.photometric()
         return record
 
     def collate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self._collate(records)
-        if self.jitter is not None:
-            batch["jitter"] = torch.stack([r["jitter"] for r in records])
+        for key in ("jitter", "photometric"):
+            if getattr(self, key) is not None:
+                batch[key] = torch.stack([r[key] for r in records])
         return batch
 
     def _collate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -222,7 +230,7 @@ class TaskPipeline:
             return batch
         targets = []
         for r in records:
-            t = {k: v for k, v in r.items() if k not in ("image", "jitter")}
+            t = {k: v for k, v in r.items() if k not in ("image", "jitter", "photometric")}
             t["boxes"] = r["boxes"].as_subclass(torch.Tensor)
             t.setdefault("size", tuple(r["image"].shape[-2:]))
             if "masks" in r:

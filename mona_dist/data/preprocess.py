@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as F
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
+from .photometric import apply_photometric
 
 # JitterDraw's columns: factors, then the order in which the four run (torchvision ColorJitter's fn_idx)
 _ADJUST = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
@@ -57,25 +58,30 @@ class DataPreprocessor(nn.Module):
         return f"mean={self.mean}, std={self.std}"
 
     def _one(self, image: torch.Tensor, draw: Optional[torch.Tensor], size: Optional[Sequence[int]] = None,
-             flip: bool = False) -> torch.Tensor:
-        """uint8 (..., 3, h, w) -> normalised float32; resized to `size` and flipped first, then jittered with
-        `draw` (one image only) -- the order the worker's steps had."""
+             flip: bool = False, photo: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """uint8 (..., 3, h, w) -> normalised float32; resized to `size` and flipped first, then distorted with a
+        `PhotoMetricDraw` row `photo` and jittered with `draw` (one image only) -- the order the worker's steps had."""
         x = image.float()
         if size is not None and tuple(size) != tuple(x.shape[-2:]):
             x = resize_pixels(x, size)
+            if photo is not None:  # mmseg distorts the uint8 image its resize produced
+                x = x.round_().clamp_(0, 255)
         if flip:
             x = x.flip(-1)
+        if photo is not None:
+            x = apply_photometric(x, photo)
         x = x.div_(255)
         if draw is not None:
             x = apply_jitter(x, draw)
         return F.normalize(x, list(self.mean), list(self.std))
 
     def forward(self, images: torch.Tensor | list[torch.Tensor], img_sizes: Optional[Sequence[Sequence[int]]] = None,
-                jitter: Optional[torch.Tensor] = None, sizes: Optional[Sequence[Sequence[int]]] = None
-                ) -> torch.Tensor | list[torch.Tensor]:
+                jitter: Optional[torch.Tensor] = None, sizes: Optional[Sequence[Sequence[int]]] = None,
+                photometric: Optional[torch.Tensor] = None) -> torch.Tensor | list[torch.Tensor]:
         """A (B, 3, H, W) batch, where `img_sizes` gives each image's valid (h, w) (the rest is padding), or a list
-        of (3, h, w) images, each resized to `sizes[i]` when given; `jitter` holds one `JitterDraw` row per image."""
-        jitter = _draws(jitter)
+        of (3, h, w) images, each resized to `sizes[i]` when given; `jitter` holds one `JitterDraw` row per image,
+        `photometric` one `PhotoMetricDraw` row."""
+        jitter, photometric = _draws(jitter), _draws(photometric)
         if isinstance(images, (list, tuple)):
             out = []
             for i, im in enumerate(images):
@@ -83,19 +89,22 @@ class DataPreprocessor(nn.Module):
                 if im.is_floating_point():  # already normalised: only resized
                     out.append(im if size is None or tuple(size) == tuple(im.shape[-2:]) else resize_pixels(im, size))
                 else:
-                    out.append(self._one(im, None if jitter is None else jitter[i], size).to(self.dtype_probe.dtype))
+                    photo = None if photometric is None else photometric[i]
+                    out.append(self._one(im, None if jitter is None else jitter[i], size, photo=photo)
+                               .to(self.dtype_probe.dtype))
             return out
         if images.is_floating_point():
             return images
         if images.dtype != torch.uint8:
             raise TypeError(f"images must be uint8 pixels or normalised floats, got {images.dtype}")
         sizes = img_sizes or [tuple(images.shape[-2:])] * len(images)
-        if jitter is None and all(tuple(s) == tuple(images.shape[-2:]) for s in sizes):
+        if jitter is None and photometric is None and all(tuple(s) == tuple(images.shape[-2:]) for s in sizes):
             out = self._one(images, None)  # the common case in one pass
         else:
             out = images.new_zeros(images.shape, dtype=torch.float32)
             for i, (h, w) in enumerate(sizes):  # jitter statistics (contrast's mean) see only the valid pixels
-                out[i, :, :h, :w] = self._one(images[i, :, :h, :w], None if jitter is None else jitter[i])
+                out[i, :, :h, :w] = self._one(images[i, :, :h, :w], None if jitter is None else jitter[i],
+                                              photo=None if photometric is None else photometric[i])
         return out.to(self.dtype_probe.dtype)
 
     def segmentation(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[list]]:
@@ -105,8 +114,8 @@ class DataPreprocessor(nn.Module):
         images, masks, valid = batch["images"], batch.get("masks"), batch.get("img_sizes")
         sizes = batch.get("sizes")
         if sizes is None:
-            return self(images, valid, batch.get("jitter")), masks, valid
-        jitter = _draws(batch.get("jitter"))
+            return self(images, valid, batch.get("jitter"), photometric=batch.get("photometric")), masks, valid
+        jitter, photometric = _draws(batch.get("jitter")), _draws(batch.get("photometric"))
         flips = batch.get("flips")
         flips = [False] * len(images) if flips is None else flips.tolist()
         valid = valid or [tuple(images.shape[-2:])] * len(images)
@@ -115,7 +124,8 @@ class DataPreprocessor(nn.Module):
         labels = None if masks is None else masks.new_full((len(images), height, width), 255)
         for i, ((h0, w0), (h, w)) in enumerate(zip(valid, sizes)):
             draw = None if jitter is None else jitter[i]
-            out[i, :, :h, :w] = self._one(images[i, :, :h0, :w0], draw, (h, w), flips[i])
+            photo = None if photometric is None else photometric[i]
+            out[i, :, :h, :w] = self._one(images[i, :, :h0, :w0], draw, (h, w), flips[i], photo)
             if labels is not None:
                 m = resize_labels(masks[i : i + 1, :h0, :w0], (h, w))[0]
                 labels[i, :h, :w] = m.flip(-1) if flips[i] else m
@@ -126,15 +136,17 @@ class DataPreprocessor(nn.Module):
         to match). The worker only drew the sizes (`transforms.DrawSize`); a target without "size" keeps its
         image's size."""
         images, targets = batch["images"], batch.get("targets")
+        extra = {"jitter": batch.get("jitter"), "photometric": batch.get("photometric")}
         if targets is None:
-            return self(images, jitter=batch.get("jitter")), None
+            return self(images, **extra), None
         sizes = [tuple(int(v) for v in t.get("size", im.shape[-2:])) for t, im in zip(targets, images)]
-        out = self(images, jitter=batch.get("jitter"), sizes=sizes)
+        out = self(images, sizes=sizes, **extra)
         return out, [resize_target(t, im.shape[-2:], size) for t, im, size in zip(targets, images, sizes)]
 
 
 def _draws(jitter: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """`JitterDraw` rows on the CPU: 8 numbers per image, read as Python floats, so one transfer for the batch."""
+    """`JitterDraw` / `PhotoMetricDraw` rows on the CPU: a few numbers per image, read as Python floats, so one
+    transfer for the batch."""
     return None if jitter is None else jitter.detach().float().cpu()
 
 

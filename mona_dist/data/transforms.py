@@ -245,15 +245,25 @@ def _per_box_fields(sample: dict[str, Any]) -> tuple[torch.Tensor, ...]:
 
 
 def build_transform(task: str, cfg: PipelineConfig, train: bool) -> v2.Transform:
-    """The per-sample geometric transform of a split (`color_jitter` is `JitterDraw`'s, applied on the device).
+    """The per-sample geometric transform of a split (`color_jitter` and `photometric` are drawn by the pipeline and
+    applied on the device).
     Eval must be deterministic: random steps there are an error."""
     if not train:
-        random_steps = [n for n in ("random_resized_crop", "crop", "color_jitter") if getattr(cfg, n) is not None]
+        random_steps = [n for n in ("random_resized_crop", "crop", "color_jitter", "auto_augment", "photometric")
+                        if getattr(cfg, n) is not None]
         if cfg.flip or (cfg.resize and (not isinstance(cfg.resize.short, int) or cfg.resize.ratio_range)):
             random_steps.append("flip/resize range")
         if random_steps:
             raise ValueError(f"eval_pipeline must be deterministic; remove: {', '.join(random_steps)}")
     steps: list[v2.Transform] = []
+    if cfg.auto_augment is not None:
+        from .autoaugment import AutoAugmentDraw
+
+        others = [n for n in ("resize", "random_resized_crop", "crop", "center_crop") if getattr(cfg, n) is not None]
+        if task not in ("coco", "voc") or others:
+            raise ValueError(f"auto_augment is a detection resize policy of its own (task {task}); "
+                             f"remove: {', '.join(others) or 'auto_augment'}")
+        steps.append(AutoAugmentDraw(cfg.auto_augment))
     if cfg.resize is not None:
         # detection without a crop: the worker only draws the size, the model resizes (see DrawSize)
         defer = task in ("coco", "voc") and cfg.crop is None and cfg.random_resized_crop is None and not cfg.center_crop

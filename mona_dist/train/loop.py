@@ -16,6 +16,7 @@ import torch
 import torch.distributed as tdist
 
 from mona_dist.config import Config, dump_config
+from mona_dist.config.resolve import resolve_batch, resolve_length
 from mona_dist.distributed import DistState, init_distributed
 from mona_dist.engine import Engine, LRSchedule, build_engine
 from mona_dist.models import count_parameters
@@ -56,6 +57,14 @@ def endless(loader: Any) -> Iterator[Any]:
     raise ValueError("the training loader yielded no batch (data.train_shards empty or batch too large?)")
 
 
+def epoch_batches(loader: Any) -> int | None:
+    """Batches this rank's loader yields per epoch; None when the shards carry no sample counts."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def agree(loss: torch.Tensor, preempt: bool, device: torch.device) -> tuple[float, bool, bool]:
     """Collective: (mean loss over ranks, any rank non-finite, any rank pre-empted)."""
     finite = bool(torch.isfinite(loss))
@@ -80,6 +89,8 @@ def evaluate(task: Task, engine: Engine, loader: Any, dist: DistState) -> dict[s
 def train(cfg: Config, resume: str | None = None) -> int:
     """Run (or resume) training; returns the process exit code (0, EX_NONFINITE or EX_TEMPFAIL)."""
     dist = init_distributed()
+    written = cfg  # what the run directory records; the resolved numbers go to the log
+    cfg, batch_plan = resolve_batch(cfg, dist.world_size)  # micro-batch and accumulation from the global batch
     task = TASKS.get(cfg.task)
     task.check(cfg)
     if cfg.engine.name == "deepspeed":  # the merged DeepSpeed JSON is checked before anything is built
@@ -90,11 +101,12 @@ def train(cfg: Config, resume: str | None = None) -> int:
     out = Path(cfg.output_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+        dump_config(written, out / "config.yaml")
 
     # Loaders first: a missing data set fails in a second, not after building a large model.
     loader = task.build_loader(cfg, "train", dist)
     val_loader = task.build_loader(cfg, "val", dist) if cfg.data.val_shards else None
+    cfg, steps_per_epoch = resolve_length(cfg, epoch_batches(loader))  # epochs -> steps
     seed_everything(cfg.train.seed)  # the same model on every rank
     model = task.build_model(cfg)
     total_params, trainable_params = count_parameters(model)
@@ -103,7 +115,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
     engine = build_engine(model, cfg.engine, cfg.optim, micro_batch_size=cfg.data.batch_size,
                           world_size=dist.world_size)
-    schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps)
+    schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps, steps_per_epoch)
 
     step, skipped_steps = 0, 0
     ckpt = resolve_resume(cfg.output_dir, resume)
@@ -119,6 +131,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
                                counters={"skipped_steps": skipped_steps})
 
     monitor = Monitor(out, cfg.monitor, dist.is_main, cfg.train.max_steps, step, cfg.train.log_interval)
+    monitor.message(f"{batch_plan.describe()}; {cfg.train.max_steps} steps"
+                    + (f" ({steps_per_epoch} per epoch)" if steps_per_epoch else ""))
     if ckpt is not None:
         monitor.message(f"resumed from {ckpt} at step {step}")
     monitor.log_static(step, {"params_total": total_params, "params_trainable": trainable_params})

@@ -1,0 +1,25 @@
+"""`mona-dist recipes [--check]`: the official recipes' values against the shipped configs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="print the official recipe values next to the shipped configs' (README)",
+                       description=__doc__)
+    p.add_argument("--check", action="store_true", help="exit 1, listing them, when a shipped value differs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mona_dist.config.recipes import differences, table
+
+    if args.check:
+        diffs = differences()
+        for line in diffs:
+            print(line, file=sys.stderr)
+        return 1 if diffs else 0
+    print(table(), end="")
+    return 0
