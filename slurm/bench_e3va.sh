@@ -5,13 +5,13 @@
 # Defaults: 1 node x 8 GPUs, one rank per GPU. Pass bench options through BENCH_ARGS (replaces the defaults below):
 #   sbatch slurm/bench_e3va.sh
 #   BENCH_ARGS="--backbone swin_large_patch4_window7_224 --task seg --img-size 512" sbatch slurm/bench_e3va.sh
-#   BENCH_ARGS="--task cls --img-size 64 --steps 2" sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 slurm/bench_e3va.sh
+#   BENCH_ARGS="--task cls --img-size 64 --steps 2" sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-task=0 slurm/bench_e3va.sh
 # Results go to RUN_DIR (default runs/bench_e3va-<job id>); other knobs: slurm/common.sh. No --signal here: the
 # bench keeps no checkpoint, so an early USR1 would only cut it short.
 #SBATCH --job-name=bench_e3va
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
-#SBATCH --gpus-per-node=8
+#SBATCH --gpus-per-task=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=02:00:00
 #SBATCH --requeue

@@ -21,6 +21,8 @@
 #      back in the queue under the same id with SLURM_RESTART_COUNT incremented; `--open-mode=append` keeps the
 #      first run's log lines in the same output file.
 #   4. The requeued job runs the same command; `--resume auto` picks up the checkpoint.
+# GPUs: the scripts ask `#SBATCH --gpus-per-task=1`, so every task (rank) sees exactly its own GPU (as cuda:0; mona-dist
+# exports LOCAL_RANK=0 for DeepSpeed accordingly). On CPU-only nodes pass `--gpus-per-task=0`.
 # SIGTERM (cancellation, time limit, pre-emption by SLURM itself) reaches srun and the tasks directly; this shell
 # traps it only to stay alive and report srun's real exit status.
 

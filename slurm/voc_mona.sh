@@ -6,12 +6,12 @@
 # the gradient accumulation follow; a world size that cannot split it is refused. Override, e.g.
 #   sbatch slurm/voc_mona.sh
 #   SET="optim.lr=2e-4" RUN_DIR=runs/try1 sbatch --nodes=2 slurm/voc_mona.sh
-#   CONFIG=configs/cpu/voc.yaml sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 slurm/voc_mona.sh   # CPU-only nodes
+#   CONFIG=configs/cpu/voc.yaml sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-task=0 slurm/voc_mona.sh   # CPU-only nodes
 # Submit from the checkout (or set MONA_DIST_ROOT). Knobs and the pre-emption/requeue protocol: slurm/common.sh.
 #SBATCH --job-name=voc_mona
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=2
-#SBATCH --gpus-per-node=2
+#SBATCH --gpus-per-task=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
 #SBATCH --signal=USR1@120

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SBATCH_FLAGS = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0")
+SBATCH_FLAGS = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0")
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

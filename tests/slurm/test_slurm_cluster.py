@@ -46,7 +46,7 @@ def test_two_node_job_forms_one_gloo_group(slurm_cluster, job_env, tmp_path):
     script.write_text(f"#!/bin/bash\nsrun {job_env['MONA_DIST_ROOT']}/.venv/bin/python {tmp_path}/task.py\n")
     out = tmp_path / "job.out"
     job_id, rc = slurm_cluster.sbatch_wait(
-        script, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", f"--output={out}",
+        script, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0", f"--output={out}",
         f"--chdir={job_env['MONA_DIST_ROOT']}", env=job_env)
     log = out.read_text()
     assert rc == 0, log

@@ -63,7 +63,7 @@ def _signal_when_ready(cluster, job_env, tmp_path, *scancel_flags: str) -> tuple
     """Submit on both nodes, wait until both tasks installed their handler, `scancel --signal=USR1 <flags>`."""
     script, out = _job(tmp_path), tmp_path / "job.out"
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(cluster.sbatch_wait, script, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+        fut = pool.submit(cluster.sbatch_wait, script, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0",
                           f"--job-name=preempt-{tmp_path.name}", f"--output={out}", env=job_env)
         while not all((tmp_path / f"ready-rank{r}").exists() for r in (0, 1)):
             assert not fut.done(), out.read_text() if out.exists() else "job ended before its tasks were ready"
@@ -91,7 +91,7 @@ def test_time_limit_signal_requeues(slurm_cluster, job_env, tmp_path):
     # The production mechanism itself: --signal=USR1@50 with --time=1, sent by slurmctld's own timer (it checks
     # time limits every ~30 s, so this job lasts up to about half a minute).
     script, out = _job(tmp_path, "--time=1", "--signal=USR1@50"), tmp_path / "job.out"
-    job_id, rc = slurm_cluster.sbatch_wait(script, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+    job_id, rc = slurm_cluster.sbatch_wait(script, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0",
                                            f"--output={out}", env=job_env)
     log = out.read_text()
     _assert_requeued_and_resumed(slurm_cluster, job_id, rc, log)
