@@ -168,3 +168,18 @@ def test_set_swin_arithmetic_makes_a_users_own_timm_swin_official():
     norm = [torch.nn.functional.layer_norm(f.permute(0, 2, 3, 1), f.shape[1:2]).permute(0, 3, 1, 2) for f in after]
     assert max(max_diffs(norm, expected)) <= TOL
     assert all((a - b).abs().max() > 1e-2 for a, b in zip(before, after))  # it was timm's before
+
+
+def test_the_inf_shift_mask_gives_the_official_minus_100_bit_for_bit(models):
+    """Our shifted blocks mask with -inf (no denormal probabilities, fast on CPU); the official value is -100."""
+    blk = models["swin_l", "full"].trunk.layers[3].blocks[1]
+    official = blk.get_attn_mask(torch.zeros(1, 21, 21, 1))  # timm's builder on a padded 21 x 21 map: -100
+    assert set(official.unique().tolist()) == {-100.0, 0.0}
+    results = []
+    for mask in (official, official.masked_fill(official != 0, float("-inf"))):
+        x = torch.randn(9, 49, blk.dim, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        blk.zero_grad()
+        out = blk.attn(x, mask=mask)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        results.append([out, x.grad, blk.attn.qkv.weight.grad, blk.attn.relative_position_bias_table.grad])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
