@@ -5,6 +5,8 @@
     apply_method(model, "mona")            # injects 2 Monas per block, freezes everything else
 
 Every method freezes the model first, then adds its modules (which train) and/or unfreezes what it selects.
+Methods never change how Swin cuts its windows: a Backbone computes the official Swin arithmetic unless built with
+swin_arithmetic="timm"; a user's own timm Swin keeps timm's until `set_swin_arithmetic(model, "official")`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 from ..registry import Registry
 from .adapter import Adapter, apply_adapter
 from .adaptformer import apply_adaptformer
-from .blocks import family
+from .blocks import SWIN_ARITHMETICS, family, set_swin_arithmetic
 from .highway import Highway, apply_e3va, apply_mona_hw
 from .io import count_parameters, load_adapter, save_adapter, trainable_state_dict
 from .lora import apply_lora
@@ -88,6 +90,7 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
 
 __all__ = [
     "METHODS",
+    "SWIN_ARITHMETICS",
     "Adapter",
     "Highway",
     "LoRand",
@@ -100,5 +103,6 @@ __all__ = [
     "method_options",
     "parse_method_options",
     "save_adapter",
+    "set_swin_arithmetic",
     "trainable_state_dict",
 ]

@@ -11,6 +11,13 @@ its class swapped, so every pretrained state-dict key stays where it was) and fi
 
 An empty slot costs nothing. `swin_block_taps` / `vit_block_taps` run an untouched block and also return its two
 branch outputs, which is what the E3VA highway reads.
+
+Swin window arithmetic (`set_swin_arithmetic`): timm and the official Swin code (Microsoft's detection and
+segmentation Swin, which the official Mona code copies) differ on dense inputs. "official" pads the map
+(bottom/right, to a multiple of the window), then rolls by -window//2 on every odd block whatever the map size,
+masks the shifted regions of the padded map, rolls back, then crops. "timm" rolls, then pads, and drops the shift
+in a stage whose build-time resolution is not larger than the window. Both run timm's own WindowAttention, so the
+weights and their keys are the same.
 """
 
 from __future__ import annotations
@@ -18,13 +25,15 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
 from timm.models.vision_transformer import Block as ViTBlock
 from timm.models.vision_transformer import VisionTransformer
 
 SLOTS = ("attn_adapter", "post_attn", "mlp_adapter", "mlp_parallel", "post_mlp")
+SWIN_ARITHMETICS = ("official", "timm")
 
 
 class GridState:
@@ -51,7 +60,35 @@ def _fill(slot: nn.Module | None, x: torch.Tensor, **kw) -> torch.Tensor:
 
 
 class PetlSwinBlock(SwinTransformerBlock):
-    """timm's SwinTransformerBlock with adapter slots. Tokens stay (B, H, W, C), the layout Mona's convs want."""
+    """timm's SwinTransformerBlock with adapter slots. Tokens stay (B, H, W, C), the layout Mona's convs want.
+
+    `swin_arithmetic` picks how windows are cut (module docstring); the class default keeps a user's own timm model
+    as timm computes it, a Backbone sets it per block.
+    """
+
+    swin_arithmetic = "timm"
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swin_arithmetic == "timm":
+            return super()._attn(x)
+        B, H, W, C = x.shape
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        x = F.pad(x, (0, 0, 0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh))
+        _, Hp, Wp, _ = x.shape
+        mask = None
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+            # The padded map's shift mask (the regions are cut from its bottom/right edge): timm's own builder,
+            # called on the padded map, is the official mask. Its -100 becomes -inf: the same softmax in fp32
+            # (exp(-100) is far below its precision beside the unmasked entries; tested bit for bit), but no
+            # denormal probabilities, which made the matmuls around a shifted block up to 4x slower on CPU.
+            mask = self.get_attn_mask(x)
+            mask.masked_fill_(mask != 0, float("-inf"))
+        windows = self.attn(window_partition(x, self.window_size).view(-1, self.window_area, C), mask=mask)
+        x = window_reverse(windows.view(-1, wh, ww, C), self.window_size, Hp, Wp)
+        if sh or sw:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+        return x[:, :H, :W].contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -120,6 +157,27 @@ def make_petl(trunk: nn.Module, blk: nn.Module) -> nn.Module:
     return blk
 
 
+def set_swin_arithmetic(model: nn.Module, mode: str) -> None:
+    """Make every block of a timm Swin (or a Backbone's Swin trunk) compute `mode` ("official" or "timm"; module
+    docstring). State-dict keys do not change.
+
+    "official" also turns on timm's always_partition, so every odd block shifts by window//2 at any input size (and
+    a window timm shrank to a build-time map smaller than it gets its full size back, its relative-position table
+    resampled by timm). "timm" leaves the shift and window sizes as timm built them.
+    """
+    if mode not in SWIN_ARITHMETICS:
+        raise ValueError(f"swin_arithmetic must be one of {', '.join(SWIN_ARITHMETICS)}, got {mode!r}")
+    trunk = getattr(model, "trunk", model)
+    if family(trunk) != "swin":
+        raise ValueError(f"swin_arithmetic applies to a Swin, not to a {type(trunk).__name__}")
+    if hasattr(model, "trunk"):
+        model.swin_arithmetic = mode
+    if mode == "official":
+        trunk.set_input_size(always_partition=True)  # public timm API: full windows and the shift, at any size
+    for _, blk, _ in iter_blocks(trunk):
+        make_petl(trunk, blk).swin_arithmetic = mode
+
+
 def _grid_state(trunk: nn.Module) -> GridState:
     """One GridState per ViT, refreshed from the patch embedding's output on every forward."""
     state = getattr(trunk, "_petl_grid", None)
@@ -141,7 +199,8 @@ def _grid_state(trunk: nn.Module) -> GridState:
 
 
 def swin_block_taps(blk: SwinTransformerBlock, x: torch.Tensor):
-    """Run a plain Swin block; return (output, attention-branch output, MLP-branch output), all (B, H, W, C)."""
+    """Run a Swin block without its slots, in its own window arithmetic (`_attn`); return (output,
+    attention-branch output, MLP-branch output), all (B, H, W, C)."""
     B, H, W, C = x.shape
     a = blk._attn(blk.norm1(x))
     x = x + blk.drop_path1(a)

@@ -9,7 +9,8 @@ enters it. Beside it runs a highway stream `h`, which alone carries gradients:
     at an out stage:   out = out_norm(x + h)                       (trainable norms feed the neck)
 
 Design choices the paper leaves open, and what we chose:
-- Taps are the branch outputs *before* drop-path and the residual add, one pair per block (Swin and ViT alike).
+- Taps are the branch outputs *before* drop-path and the residual add, one pair per block (Swin and ViT alike),
+  computed in the blocks' own Swin arithmetic (official in a Backbone; blocks.py).
 - E3VA adapter ("dual low-rank"): LoRand's bottleneck C -> C/2 -> C with GELU, no internal skip (its input is a
   tap, not the stream), each projection a sum of 2 branches of rank-8 factors. That is 49.5*C + 256 parameters per
   adapter: 1,207,296 trainable on Swin-B and 1,804,800 on Swin-L with the output norms (V-PETL lists 1.20 M and

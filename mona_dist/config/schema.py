@@ -26,6 +26,9 @@ class ModelConfig(Section):
     pretrained: str | None = None
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     out_indices: list[int] | None = None
+    # Swin only: "official" computes what the official Swin/Mona code computes (pad then shift every odd block,
+    # output norms at init); "timm" what timm computes (for timm classification checkpoints). README: Pretrained.
+    swin_arithmetic: Literal["official", "timm"] = "official"
     num_classes: int | None = Field(None, gt=0)
     # Task-specific head/neck options, validated by the task's `head_options` model.
     head: dict[str, Any] = Field(default_factory=dict)

@@ -4,9 +4,14 @@
     feats = bb(images)            # 4 maps, strides 4/8/16/32, channels bb.out_channels
 
 Swin outputs every stage by default; ViT outputs 4 evenly spaced blocks (stride 16 each; a task neck makes the
-pyramid). Each output passes its own LayerNorm (`out_norms`, as in the detection/segmentation Swin of the papers);
-the last one starts from the trunk's pretrained final norm. Under the block methods these norms stay frozen
-(the Mona recipe); full/norm/bitfit select them by name; E3VA and mona_hw train them.
+pyramid). Each output passes its own LayerNorm (`out_norms`, as in the detection/segmentation Swin of the papers).
+
+Swin computes the official Swin arithmetic by default (`swin_arithmetic="official"`, see adapters/blocks.py):
+the patch embedding pads H, W up to the patch size, windows pad then shift on every odd block, and the output
+norms start at their init (1, 0): the official runs never load the release's final `norm` (an unexpected key in
+their logs). `swin_arithmetic="timm"` computes what timm computes and starts the last output norm from the trunk's
+final norm: the right choice for timm classification checkpoints. Under the block methods the output norms stay
+frozen (the Mona recipe); full/norm/bitfit select them by name; E3VA and mona_hw train them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from ..adapters import apply_method
-from ..adapters.blocks import family
+from ..adapters.blocks import SWIN_ARITHMETICS, family, set_swin_arithmetic
 from ..registry import Registry
 
 
@@ -65,10 +70,16 @@ BACKBONES.add(
 class Backbone(nn.Module):
     """A timm trunk with a method applied, returning NCHW maps. Build it with `build_backbone`."""
 
-    def __init__(self, name: str, trunk: nn.Module, out_indices: tuple[int, ...] | None = None):
+    def __init__(
+        self, name: str, trunk: nn.Module, out_indices: tuple[int, ...] | None = None, swin_arithmetic: str = "official"
+    ):
         super().__init__()
+        if swin_arithmetic not in SWIN_ARITHMETICS:
+            raise ValueError(f"swin_arithmetic must be one of {', '.join(SWIN_ARITHMETICS)}, got {swin_arithmetic!r}")
         self.name = name
         self.family = family(trunk)
+        # ViT has one arithmetic; the attribute still says which loading rules apply (pretrained.py).
+        self.swin_arithmetic = swin_arithmetic if self.family == "swin" else "timm"
         self.method = None
         self.highway = None
         if self.family == "swin":
@@ -93,8 +104,11 @@ class Backbone(nn.Module):
         else:
             trunk.blocks = trunk.blocks[: out_indices[-1] + 1]
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
-        if out_indices[-1] == len(dims) - 1 and isinstance(trunk.norm, nn.LayerNorm):
+        if self.swin_arithmetic == "timm" and out_indices[-1] == len(dims) - 1 and isinstance(trunk.norm, nn.LayerNorm):
             self.out_norms[-1].load_state_dict(trunk.norm.state_dict())
+        if self.family == "swin":
+            trunk.patch_embed.dynamic_img_pad = True  # bottom/right zero padding up to the patch size, as official
+            set_swin_arithmetic(trunk, swin_arithmetic)
         trunk.norm = nn.Identity()
         trunk.reset_classifier(0)
         self.trunk = trunk
@@ -140,16 +154,18 @@ def build_backbone(
     pretrained: str | None = None,
     out_indices: tuple[int, ...] | None = None,
     drop_path_rate: float = 0.0,
+    swin_arithmetic: str = "official",
     **method_options,
 ) -> Backbone:
-    """Build a registered timm Swin/ViT, load `pretrained` (a local file), apply `method`.
+    """Build a registered timm Swin/ViT, apply `method`, then load `pretrained` (a local file).
 
-    Weights load before the method is applied, so official Mona checkpoints (which carry the Mona modules) load
-    after the method: see `mona_dist.models.pretrained.load_pretrained` for the formats.
+    Weights load after the method is applied, so official Mona checkpoints (which carry the Mona modules) load
+    whole: see `mona_dist.models.pretrained.load_pretrained` for the formats. `swin_arithmetic`: "official" (the
+    official Swin/Mona code) or "timm" (module docstring); ViT ignores it.
     """
     spec = BACKBONES.get(name)
     trunk = timm.create_model(spec.timm_name, pretrained=False, drop_path_rate=drop_path_rate, **spec.timm_kwargs)
-    bb = Backbone(name, trunk, out_indices)
+    bb = Backbone(name, trunk, out_indices, swin_arithmetic)
     apply_method(bb, method, **method_options)
     if pretrained:
         from .pretrained import load_pretrained

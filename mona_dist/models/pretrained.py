@@ -5,6 +5,8 @@ Accepted (detected from the keys, never from the file name):
 - Microsoft Swin release: `{"model": {...}}`, downsample at the *end* of a stage, `head.*`;
 - an official Mona checkpoint (mmdet/mmseg): `{"state_dict": {"backbone.layers...", "neck...", ...}}`, Mona
   modules as `blocks.M.my_module_1/2`, output norms as `backbone.norm0..3`;
+- a release's final `norm` goes into the last output norm only under `swin_arithmetic="timm"` (and for ViT); the
+  official Swin runs never load it (it is an unexpected key in their logs), so there it is reported unexpected;
 - our own files (`mona-dist convert` output, or any Backbone `state_dict()`): `trunk.*`, `out_norms.*`,
   method tensors;
 - `.safetensors` or torch files; torch files load with `weights_only=True`, so a checkpoint cannot run code.
@@ -94,8 +96,10 @@ def to_backbone_names(sd: dict[str, torch.Tensor], bb) -> dict[str, torch.Tensor
             if idx in bb.out_indices:
                 out[f"out_norms.{bb.out_indices.index(idx)}.{m.group(2)}"] = v
             continue
-        if k in ("norm.weight", "norm.bias"):  # the trunk's final norm feeds the last output
-            if bb.out_indices[-1] == last:
+        if k in ("norm.weight", "norm.bias"):  # the trunk's final norm (classification)
+            if bb.swin_arithmetic == "official":  # the official runs leave it out: reported as unexpected
+                out[k] = v
+            elif bb.out_indices[-1] == last:  # timm: it feeds the last output
                 out[f"out_norms.{len(bb.out_indices) - 1}.{k.split('.')[1]}"] = v
             continue
         if old_swin:  # Microsoft's release merges at the end of stage N, timm at the start of stage N+1

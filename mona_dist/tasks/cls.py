@@ -75,7 +75,8 @@ class ClsTask(Task):
         backbone = build_backbone(m.backbone, m.method, pretrained=m.pretrained,
                                   # a classifier reads only the last stage; the others would be computed for nothing
                                   out_indices=tuple(m.out_indices) if m.out_indices is not None else (-1,),
-                                  drop_path_rate=m.drop_path_rate, **m.method_options)
+                                  drop_path_rate=m.drop_path_rate, swin_arithmetic=m.swin_arithmetic,
+                                  **m.method_options)
         return Classifier(backbone, m.num_classes, self.options(cfg), self.preprocessor(cfg))
 
     @torch.no_grad()

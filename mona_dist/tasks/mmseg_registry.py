@@ -39,6 +39,7 @@ class _MonaBackbone(BaseModule):
         out_indices: list[int] | tuple[int, ...] | None = None,
         drop_path_rate: float = 0.0,
         method_options: dict | None = None,
+        swin_arithmetic: str = "official",
         init_cfg: dict | None = None,
     ):
         super().__init__(init_cfg=init_cfg)
@@ -50,6 +51,7 @@ class _MonaBackbone(BaseModule):
             pretrained=pretrained,
             out_indices=tuple(out_indices) if out_indices is not None else None,
             drop_path_rate=drop_path_rate,
+            swin_arithmetic=swin_arithmetic,
             **(method_options or {}),
         )
         self.out_channels = self.body.out_channels

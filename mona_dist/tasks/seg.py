@@ -56,6 +56,7 @@ def segmentor_config(
     drop_path_rate: float = 0.0,
     out_indices: list[int] | None = None,
     method_options: dict | None = None,
+    swin_arithmetic: str = "official",
 ) -> ConfigDict:
     """The mmseg `EncoderDecoder` config: what one would write in an mmseg config file."""
     family = "swin" if BACKBONES.get(backbone).timm_name.startswith("swin") else "vit"
@@ -67,6 +68,7 @@ def segmentor_config(
         out_indices=out_indices,
         drop_path_rate=drop_path_rate,
         method_options=method_options or {},
+        swin_arithmetic=swin_arithmetic,
     )
     # Channels without building the weights: a meta-device build costs a fraction of a second even for Swin-L.
     with torch.device("meta"):
@@ -259,7 +261,7 @@ class SegTask(Task):
         return build_segmentor(
             m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
             drop_path_rate=m.drop_path_rate, out_indices=m.out_indices, method_options=m.method_options,
-            preprocessor=self.preprocessor(cfg),
+            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg),
         )
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:

@@ -168,7 +168,7 @@ class VocTask(Task):
         return build_retinanet(
             m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
             drop_path_rate=m.drop_path_rate, out_indices=tuple(m.out_indices) if m.out_indices else (1, 2, 3),
-            preprocessor=self.preprocessor(cfg), **m.method_options,
+            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg), **m.method_options,
         )
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:

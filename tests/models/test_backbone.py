@@ -6,10 +6,18 @@ import torch
 from mona_dist.models import build_backbone, checkpoint_units
 
 
-def test_swin_takes_any_input_size_divisible_by_the_patch():
-    bb = build_backbone("swin_nano_patch4_window7", "mona")
+@pytest.mark.parametrize("swin_arithmetic", ["official", "timm"])
+def test_swin_takes_any_input_size(swin_arithmetic):
+    bb = build_backbone("swin_nano_patch4_window7", "mona", swin_arithmetic=swin_arithmetic)
     feats = bb(torch.randn(1, 3, 72, 100))  # windows pad; 25 and 13 are not multiples of 7
     assert [tuple(f.shape[-2:]) for f in feats] == [(18, 25), (9, 13), (5, 7), (3, 4)]
+    feats = bb(torch.randn(1, 3, 201, 230))  # the patch embedding pads to 204 x 232
+    assert [tuple(f.shape[-2:]) for f in feats] == [(51, 58), (26, 29), (13, 15), (7, 8)]
+
+
+def test_a_bad_swin_arithmetic_is_one_clear_error():
+    with pytest.raises(ValueError, match="swin_arithmetic must be one of official, timm, got 'mmdet'"):
+        build_backbone("swin_nano_patch4_window7", "mona", swin_arithmetic="mmdet")
 
 
 def test_out_indices_select_and_prune():

@@ -6,8 +6,9 @@ import pytest
 import timm
 import torch
 
+from checkpoints import microsoft_release, official_mona_checkpoint
 from mona_dist.cli import main
-from mona_dist.models import build_backbone
+from mona_dist.models import build_backbone, load_pretrained
 
 NANO = "swin_nano_patch4_window7"
 
@@ -19,20 +20,6 @@ def _source(method="mona"):
         for p in bb.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return bb.eval()
-
-
-def official_mona_checkpoint(bb) -> dict:
-    """What the official Mona (mmdet) code saves: `backbone.` prefix, `my_module_1/2`, merging at the end of a stage,
-    output norms `norm0..3`, buffers, plus neck/head tensors that are not ours to load."""
-    sd = {}
-    for k, v in bb.state_dict().items():
-        k = k.removeprefix("trunk.").replace(".post_attn.", ".my_module_1.").replace(".post_mlp.", ".my_module_2.")
-        k = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
-        k = re.sub(r"out_norms\.(\d+)\.", r"norm\1.", k)
-        sd[f"backbone.{k}"] = v
-    sd["backbone.layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
-    sd["neck.lateral_convs.0.conv.weight"] = torch.randn(8, 32, 1, 1)
-    return {"meta": {"mmdet_version": "2.11.0"}, "state_dict": sd}
 
 
 def _assert_same(a, b):
@@ -50,18 +37,28 @@ def test_official_mona_checkpoint_loads_everything(tmp_path):
 
 def test_microsoft_swin_release_loads_into_any_method(tmp_path):
     src = _source("fixed")
-    sd = official_mona_checkpoint(src)["state_dict"]
-    ms = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.") and "norm0" not in k}
-    ms = {re.sub(r"^norm3\.", "norm.", k): v for k, v in ms.items() if not re.match(r"norm[12]\.", k)}
-    ms["head.weight"] = torch.randn(1000, 256)
+    final_norm = {"weight": torch.rand(256) + 0.5, "bias": torch.randn(256)}
     path = tmp_path / "swin_ms.pth"
-    torch.save({"model": ms}, path)
+    torch.save(microsoft_release(src, final_norm), path)
     bb = build_backbone(NANO, "e3va", pretrained=str(path), train_downsample=True)
     for k, v in src.trunk.state_dict().items():
         assert torch.equal(bb.trunk.state_dict()[k], v), k
-    assert torch.equal(bb.out_norms[3].weight, src.out_norms[3].weight)
     # the highway's trainable merges were copied from the loaded (not the random) patch merging
     assert torch.equal(bb.highway.merges[2].weight, src.trunk.layers[2].downsample.reduction.weight)
+
+
+def test_the_final_norm_feeds_the_last_output_only_under_timm_arithmetic(tmp_path):
+    src = _source("fixed")
+    final_norm = {"weight": torch.rand(256) + 0.5, "bias": torch.randn(256)}
+    path = tmp_path / "swin_ms.pth"
+    torch.save(microsoft_release(src, final_norm), path)
+    official = build_backbone(NANO, "mona")
+    report = load_pretrained(official, path)
+    assert report.unexpected == ["norm.bias", "norm.weight"]  # as in the official runs' logs
+    assert torch.equal(official.out_norms[3].weight, torch.ones(256))
+    timm_bb = build_backbone(NANO, "mona", swin_arithmetic="timm")
+    assert load_pretrained(timm_bb, path).unexpected == []
+    assert torch.equal(timm_bb.out_norms[3].weight, final_norm["weight"])
 
 
 def test_timm_format_with_window_resize(tmp_path):

@@ -57,3 +57,15 @@ def test_class_count_falls_back_to_the_shard_index(tmp_path):
     shards.write_text(index)
     with pytest.raises(ConfigError, match="model.num_classes"):
         class_count(cfg)
+
+
+@pytest.mark.parametrize("name", ["cpu/cls.yaml", "cpu/ade20k.yaml", "cpu/coco.yaml", "cpu/voc.yaml"])
+def test_model_swin_arithmetic_reaches_the_backbone(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model.swin_arithmetic == "official"
+    cfg = load_config(CONFIGS / name, ["model.swin_arithmetic=timm"])
+    with torch.device("meta"):
+        backbone = TASKS.get(cfg.task).build_model(cfg).backbone
+    assert backbone.swin_arithmetic == "timm"
+    assert all(blk.swin_arithmetic == "timm" for st in backbone.trunk.layers for blk in st.blocks
+               if hasattr(blk, "swin_arithmetic"))
