@@ -5,8 +5,8 @@
     apply_method(model, "mona")            # injects 2 Monas per block, freezes everything else
 
 Every method freezes the model first, then adds its modules (which train) and/or unfreezes what it selects.
-Methods never change how Swin cuts its windows: a Backbone computes the official Swin arithmetic unless built with
-swin_arithmetic="timm"; a user's own timm Swin keeps timm's until `set_swin_arithmetic(model, "official")`.
+Swin computes the official Mona code's window arithmetic: a Backbone unless built with swin_arithmetic="timm", a
+user's own timm Swin once `apply_method` has run (unless it is given swin_arithmetic="timm").
 """
 
 from __future__ import annotations
@@ -68,10 +68,12 @@ def parse_method_options(pairs: Iterable[str]) -> dict[str, object]:
     return options
 
 
-def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
+def apply_method(model: nn.Module, method: str, swin_arithmetic: str | None = None, **options) -> nn.Module:
     """Apply `method` in place to a timm Swin/ViT or a mona_dist Backbone; return the model.
 
-    Unknown methods and options are errors that list the valid ones.
+    A plain timm Swin is switched to the official Mona code's window arithmetic (`swin_arithmetic="official"`, the
+    default; "timm" keeps timm's, see adapters/blocks.py); a Backbone keeps the arithmetic it was built with unless
+    `swin_arithmetic` is given. Unknown methods and options are errors that list the valid ones.
     """
     fn = METHODS.get(method)
     valid = method_options(method)
@@ -82,6 +84,8 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
     family(trunk)  # fail early, naming what is supported
     if getattr(model, "method", None) is not None:
         raise ValueError(f"a method ({model.method!r}) is already applied to this model")
+    if family(trunk) == "swin" and (swin_arithmetic is not None or not hasattr(model, "trunk")):
+        set_swin_arithmetic(model, swin_arithmetic or "official")
     model.requires_grad_(False)
     fn(model if method in _WHOLE_MODEL else trunk, **options)
     model.method = method

@@ -153,10 +153,31 @@ def test_a_microsoft_release_gives_the_reference_features_with_output_norms_at_i
     assert max(max_diffs(ours, ref.features(src, x, (3, 6, 12, 24), "full")["full"])) <= TOL
 
 
-def test_set_swin_arithmetic_makes_a_users_own_timm_swin_official():
+def _users_swin():
     torch.manual_seed(0)
-    model = randomise(timm.create_model(ARCHS["swin_t"][0], strict_img_size=False, depths=(2, 2, 2, 2),
-                                        **ARCHS["swin_t"][1]))
+    return randomise(timm.create_model(ARCHS["swin_t"][0], strict_img_size=False, depths=(2, 2, 2, 2),
+                                       **ARCHS["swin_t"][1]))
+
+
+def test_apply_method_makes_a_users_own_timm_swin_official_unless_told_timm():
+    x = torch.randn(1, 3, 200, 232)
+    with torch.no_grad():
+        kept = _users_swin()
+        before = kept.forward_intermediates(x, norm=False, intermediates_only=True)
+        apply_method(kept, "lora", swin_arithmetic="timm")  # B starts at zero: the features stay the backbone's
+        assert all(torch.equal(a, b) for a, b in zip(before, kept.forward_intermediates(x, norm=False,
+                                                                                         intermediates_only=True)))
+        switched = _users_swin()
+        apply_method(switched, "lora")
+        official = switched.forward_intermediates(x, norm=False, intermediates_only=True)
+        by_hand = _users_swin()
+        set_swin_arithmetic(by_hand, "official")
+        assert all(torch.equal(a, b) for a, b in zip(official, by_hand.forward_intermediates(
+            x, norm=False, intermediates_only=True)))
+
+
+def test_set_swin_arithmetic_makes_a_users_own_timm_swin_official():
+    model = _users_swin()
     x = torch.randn(1, 3, 200, 232)
     with torch.no_grad():
         before = model.forward_intermediates(x, norm=False, intermediates_only=True)
