@@ -120,14 +120,14 @@ def test_methods_apply_to_a_users_own_timm_model(method):
 
 
 def test_the_highway_taps_follow_a_users_timm_swin_arithmetic():
-    """On a user's own timm Swin the blocks keep timm's arithmetic, and the highway's frozen pass computes it too:
-    at the zero start E3VA's features are the plain model's, at a size where timm and official differ."""
+    """Told to keep timm's arithmetic on a user's own timm Swin, the highway's frozen pass computes it too: at the
+    zero start E3VA's features are the plain model's, at a size where timm and official differ."""
     torch.manual_seed(0)
     kw = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), strict_img_size=False)
     plain = timm.create_model("swin_tiny_patch4_window7_224", **kw).eval()
     model = timm.create_model("swin_tiny_patch4_window7_224", **kw).eval()
     model.load_state_dict(plain.state_dict())
-    apply_method(model, "e3va")
+    apply_method(model, "e3va", swin_arithmetic="timm")
     x = torch.randn(1, 3, 200, 232)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), plain.forward_features(x))
