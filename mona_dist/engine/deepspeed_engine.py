@@ -18,11 +18,13 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from torch import nn
 
+from mona_dist.adapters.io import clean_name
 from mona_dist.config.loader import ConfigError, deep_merge
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine.base import DTYPES, Engine
 from mona_dist.engine.deepspeed_compat import release_cpu_allreduce_buffer
 from mona_dist.engine.optim import build_adamw, param_groups
+from mona_dist.engine.precision import match_engine_dtype
 from mona_dist.serialization import safe_torch_load
 
 TAG = "engine"
@@ -94,11 +96,13 @@ class DeepSpeedEngine(Engine):
         self.ds.checkpoint_engine = SafeCheckpointEngine(self.ds._config)
         self.module = self.ds
         self._dtype = next((DTYPES[k] for k in ("bf16", "fp16") if self.ds_config[k].get("enabled")), None)
+        if self._dtype is not None:
+            match_engine_dtype(self.model, self._dtype)  # DeepSpeed cast the parameters only
 
     def forward_context(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 weights; inputs are cast instead
+        return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 weights; images are cast instead
 
-    def batch_dtype(self) -> torch.dtype | None:
+    def image_dtype(self) -> torch.dtype | None:
         return self._dtype
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
@@ -129,6 +133,19 @@ class DeepSpeedEngine(Engine):
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise ValueError(f"checkpoint {directory}/{TAG} could not be loaded by DeepSpeed")
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """Collective: DeepSpeed's fp32 master copies (ZeRO 1-3 and its bf16 optimizer keep them; each is
+        assembled from the ranks' shards), not the bf16/fp16 weights the forward uses; fp32 runs without a
+        partitioning optimizer hold no copy and give the weights themselves."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:  # same order on every rank: each call is collective
+                master = safe_get_full_fp32_param(param)
+                out[clean_name(name)] = (master if master is not None else param.detach()).float().cpu()
+        return out
 
     @contextlib.contextmanager
     def exported(self) -> Iterator[nn.Module]:
