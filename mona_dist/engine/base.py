@@ -101,7 +101,7 @@ class Engine(ABC):
 
     @abstractmethod
     def step(self) -> None:
-        """Clip, update, clear gradients; sets `self.grad_norm` (pre-clip global norm)."""
+        """Clip, update, clear gradients; sets `self.grad_norm` (pre-clip global norm, not read)."""
 
     def discard_step(self) -> None:
         """Drop this step's gradients without updating (nan_policy=skip)."""

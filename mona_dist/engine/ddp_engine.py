@@ -47,8 +47,7 @@ class TorchEngine(Engine):
     def step(self) -> None:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = self.clip(self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
-        self.grad_norm = float(norm)
+        self.grad_norm = self.clip(self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf).detach()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -116,8 +116,7 @@ class DeepSpeedEngine(Engine):
     def step(self) -> None:
         assert self.ds.is_gradient_accumulation_boundary(), "step() before the last micro-batch's backward()"
         self.ds.step()
-        norm = self.ds.get_global_grad_norm()
-        self.grad_norm = None if norm is None else float(norm)
+        self.grad_norm = self.ds.get_global_grad_norm()  # a tensor or a float, as DeepSpeed's optimizer keeps it
 
     def discard_step(self) -> None:
         # Reached only with grad_accum == 1 (config rule), where no backward ran this step: nothing to drop.
