@@ -67,9 +67,13 @@ class Engine(ABC):
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
-        self.grad_norm: float | None = None
+        # Pre-clip global norm of the last step, left where the engine computed it (a device tensor): reading it
+        # would make the host wait for the GPU, so the loop reads it on log steps only.
+        self.grad_norm: torch.Tensor | float | None = None
         self.module: nn.Module = model
         self.optimizer: torch.optim.Optimizer
+        self.cudnn_benchmark = False  # set by build_engine; applies in train mode only
+        self.foreach = cfg.foreach if cfg.foreach is not None else device.type == "cuda"
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward_context(self) -> contextlib.AbstractContextManager:
@@ -89,6 +93,8 @@ class Engine(ABC):
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
+        if self.device.type == "cuda":  # evaluation sees every image size: autotuning each would cost more
+            torch.backends.cudnn.benchmark = mode and self.cudnn_benchmark
 
     # -- optimisation --------------------------------------------------------------------------------------------
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:

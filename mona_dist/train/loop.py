@@ -115,7 +115,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
             "frozen_fingerprint": frozen_fingerprint(model)}
     seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
     engine = build_engine(model, cfg.engine, cfg.optim, micro_batch_size=cfg.data.batch_size,
-                          world_size=dist.world_size)
+                          world_size=dist.world_size, fixed_shape=task.fixed_shape)
     schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps)
 
     step, skipped_steps = 0, 0

@@ -139,3 +139,31 @@ def test_a_detection_step_waits_for_the_device_once_in_our_code(tmp_path, shards
     syncs, others = extra_reads(config)
     assert syncs == Counter({"agree": 4}), syncs
     assert not others, f"value reads in per-step code outside mona_dist/host_sync.py: {dict(others)}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_torch_itself_sees_one_sync_per_step_from_mona_dist(tmp_path, cls_shards):
+    """On a GPU, torch's own detector: with set_sync_debug_mode("warn") every synchronizing call warns at the
+    Python line that made it. Four extra steps add four from host_sync.py (the agreement) and none from any
+    other mona_dist line."""
+    import warnings
+
+    config = tiny_config(tmp_path, cls_shards)
+
+    def syncs(steps: int) -> tuple[Counter, Counter]:
+        cfg = load_config(config, [f"train.max_steps={steps}", f"train.log_interval={steps}", "train.ckpt_interval=0",
+                                   "train.eval_at_end=false"])
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert train(cfg) == 0
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        where = [Path(w.filename).resolve() for w in caught if "synchroniz" in str(w.message).lower()]
+        return Counter(str(p) for p in where if p in DOORS), Counter(str(p) for p in where if _ours(p))
+
+    (doors4, ours4), (doors8, ours8) = syncs(4), syncs(8)
+    assert sum((doors8 - doors4).values()) == 4, (doors4, doors8)
+    assert not ours8 - ours4, ours8 - ours4
