@@ -66,3 +66,31 @@ def test_a_detector_without_known_heads_is_refused():
     detector.backbone = nn.Identity()
     with pytest.raises(ValueError, match="none of the detector heads"):
         fp32_heads(detector)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mask_rcnn_trains_under_autocast(precision):
+    """The official COCO/VOC runs used fp16 mixed precision: DDP's autocast (fp16 with a grad scaler) trains
+    Mask R-CNN with finite losses, its heads' outputs in fp32."""
+    from dense_data import det_batches
+
+    from mona_dist.config.schema import EngineConfig, OptimConfig
+    from mona_dist.engine import build_engine
+    from mona_dist.tasks.coco import build_mask_rcnn
+
+    torch.manual_seed(0)
+    model = build_mask_rcnn("swin_nano_patch4_window7", "mona", 2, dict(
+        fpn_channels=32, representation_size=64, mask_channels=32, anchor_base=16, rpn_post_nms_train=100,
+        rpn_post_nms_test=50, box_batch_size_per_image=32))
+    engine = build_engine(model, EngineConfig(name="ddp", precision=precision), OptimConfig(lr=1e-3),
+                          micro_batch_size=2)
+    seen = {}
+    model.detector.roi_heads.box_predictor.register_forward_hook(lambda _m, _a, out: seen.update(dtype=out[0].dtype))
+    losses = []
+    for batch in det_batches(0, 6, 2):
+        loss = engine(batch)["loss"]
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert seen["dtype"] == torch.float32
