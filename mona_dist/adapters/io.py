@@ -7,6 +7,7 @@ It loads onto a freshly built model of the same kind; nothing in it can run code
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -64,11 +65,13 @@ def copy_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: s
             params[name].copy_(t)
 
 
-def save_adapter(model: nn.Module, path: str | Path, **metadata: str) -> Path:
-    """Write the trainable tensors of `model` to one safetensors file (ZeRO-3: gather first)."""
+def save_adapter(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path, **metadata: str) -> Path:
+    """Write the trainable tensors of `model` (or the given name -> tensor mapping, e.g. an engine's
+    `trainable_weights()`) to one safetensors file (ZeRO-3: gather first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in trainable_state_dict(model).items()}
+    source = model if isinstance(model, Mapping) else trainable_state_dict(model)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in source.items()}
     if not tensors:
         raise ValueError("nothing to save: the model has no trainable parameters")
     save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})

@@ -1,15 +1,18 @@
 """Memory and time of tuning methods, measured side by side in one run.
 
 Protocol (every method: same backbone, head, inputs, precision and engine):
-1. Memory, method by method: build, warm up, then one step whose saved activations are counted with saved-tensor
-   hooks and whose peak is read from the device (CUDA max allocated since before the method was built, MAX over
-   ranks; on CPU the exact accounting params + grads + optimizer state + saved activations, beside peak RSS).
-2. Time, interleaved: `steps` rounds; each round runs one full step (forward, backward, optimizer) of every method,
-   in an order rotated every round, so drift and noise hit all methods alike. Median and p10-p90 spread per method.
+1. Memory, method by method, each alone: build, warm up, then one step whose saved activations are counted with
+   saved-tensor hooks and whose peak is read from the device (CUDA max allocated since before the method was
+   built, MAX over ranks; on CPU the exact accounting params + grads + optimizer state + saved activations, beside
+   peak RSS). The method's engine is then freed, so no earlier engine is resident while the next one is measured.
+2. Time, interleaved: every method is built again; `steps` rounds each run one full step (forward, backward,
+   optimizer) of every method, in an order rotated every round, so drift and noise hit all methods alike. Median
+   and p10-p90 spread per method.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -127,56 +130,77 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> list[dict]:
+def _build(spec: BenchSpec, label: str, device: torch.device, world_size: int) -> tuple[nn.Module, Any]:
     from ..config.schema import EngineConfig, OptimConfig
     from ..engine import build_engine
 
-    batch = make_batch(spec, device)
+    method, opts = parse_method(label)
     ecfg = EngineConfig(name=spec.engine, zero_stage=spec.zero_stage, precision=spec.precision,
                         activation_checkpointing=spec.activation_checkpointing)
-    runs: list[MethodRun] = []
-    for label in spec.methods:
-        method, opts = parse_method(label)
-        meter = PeakMemory(device)
-        meter.start()
-        before_build = meter.base
-        torch.manual_seed(spec.seed)  # same frozen weights and head init for every method
-        model = build_model(spec, method, opts)
-        total, trainable = count_parameters(model.backbone)
-        units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
-        units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves
-        engine = build_engine(model, ecfg, OptimConfig(lr=1e-5, weight_decay=0.05),
-                              micro_batch_size=spec.batch_size, world_size=world_size)
-        engine.train()
-        for _ in range(spec.warmup):
-            _step(engine, batch)
-        saved, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()),
-                                             checkpointed=units)
-        engine.backward(loss)
-        engine.step()
-        meter.start()
+    torch.manual_seed(spec.seed)  # same frozen weights and head init for every method
+    model = build_model(spec, method, opts)
+    # the device given, not `pick_device()`: `--device cpu` on a GPU host measures the CPU
+    engine = build_engine(model, ecfg, OptimConfig(lr=1e-5, weight_decay=0.05), micro_batch_size=spec.batch_size,
+                          world_size=world_size, device=device)
+    engine.train()
+    return model, engine
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()  # engines hold reference cycles (hooks, optimizer wrappers)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.device, world_size: int) -> dict:
+    """One method's memory row, measured with nothing else built; its engine is gone when this returns."""
+    meter = PeakMemory(device)
+    meter.start()
+    before_build = meter.base
+    model, engine = _build(spec, label, device, world_size)
+    total, trainable = count_parameters(model.backbone)
+    units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
+    units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves
+    for _ in range(spec.warmup):
         _step(engine, batch)
-        transient = meter.stop()
-        state = model_state_bytes(engine.module, engine.optimizer)
-        if device.type == "cuda":
-            peak = meter.absolute - before_build  # everything this method allocated, from before it was built
-        else:
-            peak = state["total"] + saved  # the exact accounting; RSS is reported beside it
-        head_trainable = count_parameters(model)[1] - trainable
-        estimate = zero_model_state_estimate(trainable + head_trainable, total - trainable, spec.precision,
-                                             spec.zero_stage if spec.engine != "ddp" else 0, world_size)
-        row = {
-            "method": label,
-            "trainable": trainable,
-            "total_params": total,
-            "peak_mem_bytes": all_reduce_max(int(peak)),
-            "saved_activation_bytes": all_reduce_max(int(saved)),
-            "model_state_bytes": all_reduce_max(int(state["total"])),
-            "model_state_breakdown": state,
-            "model_state_estimate_bytes": estimate["total"],
-            "rss_peak_bytes": all_reduce_max(int(transient)) if device.type == "cpu" else None,
-        }
-        runs.append(MethodRun(label, engine, row))
+    saved, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()),
+                                         checkpointed=units)
+    engine.backward(loss)
+    engine.step()
+    del loss
+    meter.start()
+    _step(engine, batch)
+    transient = meter.stop()
+    state = model_state_bytes(engine.module, engine.optimizer)
+    if device.type == "cuda":
+        peak = meter.absolute - before_build  # everything this method allocated, from before it was built
+    else:
+        peak = state["total"] + saved  # the exact accounting; RSS is reported beside it
+    head_trainable = count_parameters(model)[1] - trainable
+    estimate = zero_model_state_estimate(trainable + head_trainable, total - trainable, spec.precision,
+                                         spec.zero_stage if spec.engine != "ddp" else 0, world_size)
+    row = {
+        "method": label,
+        "trainable": trainable,
+        "total_params": total,
+        "peak_mem_bytes": all_reduce_max(int(peak)),
+        "saved_activation_bytes": all_reduce_max(int(saved)),
+        "model_state_bytes": all_reduce_max(int(state["total"])),
+        "model_state_breakdown": state,
+        "model_state_estimate_bytes": estimate["total"],
+        "rss_peak_bytes": all_reduce_max(int(transient)) if device.type == "cpu" else None,
+    }
+    engine.release()
+    del model, engine
+    _free(device)
+    return row
+
+
+def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> list[dict]:
+    batch = make_batch(spec, device)
+    runs = [MethodRun(label, None, measure_memory(spec, label, batch, device, world_size)) for label in spec.methods]
+    for r in runs:
+        r.engine = _build(spec, r.label, device, world_size)[1]
 
     for i in range(spec.steps):  # interleaved timing, order rotated each round
         for r in runs[i % len(runs):] + runs[: i % len(runs)]:
@@ -197,6 +221,9 @@ def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> lis
             images_per_s=spec.batch_size * world_size / median,
         )
         rows.append(r.row)
+        r.engine.release()
+        r.engine = None
+    _free(device)
     add_ratios(rows)
     return rows
 

@@ -99,6 +99,14 @@ class EngineConfig(Section):
     grad_accum: int = Field(1, ge=1)
     activation_checkpointing: bool = False
     deepspeed_config: str | None = None  # JSON whose keys override the generated DeepSpeed config
+    # Cost knobs; None picks the default that the engine section of README describes.
+    foreach: bool | None = None  # AdamW's multi-tensor kernels; None: on CUDA (hundreds of small adapter tensors)
+    bucket_elements: int | None = Field(None, gt=0)  # ZeRO-1/2 reduce/allgather buckets; None: from trainable count
+    overlap_comm: bool | None = None  # ZeRO-1/2 reduction beside backward; None: on CUDA with several ranks
+    gradient_as_bucket_view: bool = True  # DDP: gradients are views into its buckets (no second copy)
+    broadcast_buffers: bool | None = None  # DDP: rank 0's buffers at each forward; None: only for plain BatchNorm
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions for what runs in fp32
+    cudnn_benchmark: bool | None = None  # CUDA: autotune convolutions; None: for the task's fixed-shape training
 
 
 class TrainConfig(Section):
@@ -161,6 +169,9 @@ def combination_errors(engine: EngineConfig, train: TrainConfig | None = None) -
         errors.append(("engine.offload_optimizer", "optimizer offload needs engine.zero_stage >= 1"))
     if e.name == "deepspeed" and e.offload_params and e.zero_stage != 3:
         errors.append(("engine.offload_params", "parameter offload needs engine.zero_stage 3"))
+    for key in ("bucket_elements", "overlap_comm"):
+        if e.name != "deepspeed" and getattr(e, key) is not None:
+            errors.append((f"engine.{key}", f"ZeRO's communication buckets need engine.name=deepspeed, not {e.name}"))
     if e.name != "deepspeed" and e.deepspeed_config:
         errors.append(("engine.deepspeed_config", f"a DeepSpeed JSON needs engine.name=deepspeed, not {e.name}"))
     if train is not None and train.global_batch is not None and e.grad_accum != 1:

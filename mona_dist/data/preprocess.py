@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as F
 
+from ..host_sync import host_values
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .photometric import apply_photometric
 
@@ -28,9 +29,11 @@ from .photometric import apply_photometric
 _ADJUST = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
 
-def apply_jitter(image: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
-    """torchvision ColorJitter on one float (3, h, w) image in [0, 1], with one `JitterDraw` row."""
-    factors, order = draw[:4].tolist(), draw[4:].long().tolist()
+def apply_jitter(image: torch.Tensor, draw: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """torchvision ColorJitter on one float (3, h, w) image in [0, 1], with one `JitterDraw` row (a CPU tensor or
+    its 8 numbers)."""
+    draw = host_values(draw) if isinstance(draw, torch.Tensor) else list(draw)
+    factors, order = draw[:4], [int(v) for v in draw[4:]]
     for idx in order:
         identity = idx == 3 and factors[3] == 0.0 or idx != 3 and factors[idx] == 1.0
         if not identity:
@@ -42,8 +45,10 @@ class DataPreprocessor(nn.Module):
     """uint8 images -> resize/flip where the worker only drew them (`detection`, `segmentation`) -> optional
     photometric jitter -> `(x / 255 - mean) / std` -> padding zeroed (mmseg's pad 0).
 
-    The result has the dtype the module was cast to (fp32, or bf16/fp16 after DeepSpeed casts the model), while
-    the arithmetic runs in fp32. No state_dict entries: mean and std are config.
+    The arithmetic runs in fp32; the result has `output_dtype`: fp32, or the compute dtype an engine that casts
+    the weights sets (`engine/precision.py`: DeepSpeed bf16/fp16). No buffers and no state_dict entries: mean and
+    std are config, kept as fp32 device tensors built once per device (a tensor built from Python numbers at every
+    call would be a blocking host-to-device copy per batch) and out of reach of any cast.
     """
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
@@ -52,13 +57,22 @@ class DataPreprocessor(nn.Module):
             raise ValueError(f"mean/std need 3 channels and std > 0, got mean={mean} std={std}")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.register_buffer("dtype_probe", torch.zeros(()), persistent=False)  # follows .to()/.half()/.bfloat16()
+        self.output_dtype = torch.float32
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean}, std={self.std}"
+        return f"mean={self.mean}, std={self.std}, output_dtype={self.output_dtype}"
 
-    def _one(self, image: torch.Tensor, draw: Optional[torch.Tensor], size: Optional[Sequence[int]] = None,
-             flip: bool = False, photo: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """`(x - mean) / std` per channel, in place on a float (..., 3, h, w) tensor this module made."""
+        stats = self._stats.get(x.device)
+        if stats is None:
+            stats = self._stats[x.device] = tuple(torch.tensor(v, device=x.device).view(3, 1, 1)
+                                                  for v in (self.mean, self.std))
+        return x.sub_(stats[0]).div_(stats[1])
+
+    def _one(self, image: torch.Tensor, draw: Optional[Sequence[float]], size: Optional[Sequence[int]] = None,
+             flip: bool = False, photo: Optional[Sequence[float]] = None) -> torch.Tensor:
         """uint8 (..., 3, h, w) -> normalised float32; resized to `size` and flipped first, then distorted with a
         `PhotoMetricDraw` row `photo` and jittered with `draw` (one image only) -- the order the worker's steps had."""
         x = image.float()
@@ -73,7 +87,7 @@ class DataPreprocessor(nn.Module):
         x = x.div_(255)
         if draw is not None:
             x = apply_jitter(x, draw)
-        return F.normalize(x, list(self.mean), list(self.std))
+        return self.normalize(x)
 
     def forward(self, images: torch.Tensor | list[torch.Tensor], img_sizes: Optional[Sequence[Sequence[int]]] = None,
                 jitter: Optional[torch.Tensor] = None, sizes: Optional[Sequence[Sequence[int]]] = None,
@@ -91,7 +105,7 @@ class DataPreprocessor(nn.Module):
                 else:
                     photo = None if photometric is None else photometric[i]
                     out.append(self._one(im, None if jitter is None else jitter[i], size, photo=photo)
-                               .to(self.dtype_probe.dtype))
+                               .to(self.output_dtype))
             return out
         if images.is_floating_point():
             return images
@@ -105,7 +119,7 @@ class DataPreprocessor(nn.Module):
             for i, (h, w) in enumerate(sizes):  # jitter statistics (contrast's mean) see only the valid pixels
                 out[i, :, :h, :w] = self._one(images[i, :, :h, :w], None if jitter is None else jitter[i],
                                               photo=None if photometric is None else photometric[i])
-        return out.to(self.dtype_probe.dtype)
+        return out.to(self.output_dtype)
 
     def segmentation(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[list]]:
         """A seg batch -> (normalised images, label maps, valid sizes). With "sizes" (`transforms.CropWindow`),
@@ -117,7 +131,7 @@ class DataPreprocessor(nn.Module):
             return self(images, valid, batch.get("jitter"), photometric=batch.get("photometric")), masks, valid
         jitter, photometric = _draws(batch.get("jitter")), _draws(batch.get("photometric"))
         flips = batch.get("flips")
-        flips = [False] * len(images) if flips is None else flips.tolist()
+        flips = [False] * len(images) if flips is None else host_values(flips)
         valid = valid or [tuple(images.shape[-2:])] * len(images)
         height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
         out = images.new_zeros((len(images), 3, height, width), dtype=torch.float32)
@@ -129,7 +143,7 @@ class DataPreprocessor(nn.Module):
             if labels is not None:
                 m = resize_labels(masks[i : i + 1, :h0, :w0], (h, w))[0]
                 labels[i, :h, :w] = m.flip(-1) if flips[i] else m
-        return out.to(self.dtype_probe.dtype), labels, [tuple(sz) for sz in sizes]
+        return out.to(self.output_dtype), labels, [tuple(sz) for sz in sizes]
 
     def detection(self, batch: dict) -> tuple[list[torch.Tensor], Optional[list[dict]]]:
         """A detection batch -> (normalised images at each target's "size", targets with boxes and masks resized
@@ -144,10 +158,11 @@ class DataPreprocessor(nn.Module):
         return out, [resize_target(t, im.shape[-2:], size) for t, im, size in zip(targets, images, sizes)]
 
 
-def _draws(jitter: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """`JitterDraw` / `PhotoMetricDraw` rows on the CPU: a few numbers per image, read as Python floats, so one
-    transfer for the batch."""
-    return None if jitter is None else jitter.detach().float().cpu()
+def _draws(draws: Optional[torch.Tensor]) -> Optional[list[list[float]]]:
+    """`JitterDraw` / `PhotoMetricDraw` rows as Python numbers, a few per image. The batch keeps them on the host
+    (`engine.move_batch` leaves "jitter" and "photometric" there): reading them from a device would stall the host
+    at every batch."""
+    return None if draws is None else host_values(draws.detach().float())
 
 
 def resize_pixels(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -177,7 +192,11 @@ def resize_target(target: dict, src: Sequence[int], dst: Sequence[int]) -> dict:
         return target
     out = dict(target, size=tuple(dst))
     sy, sx = dst[0] / src[0], dst[1] / src[1]
-    out["boxes"] = target["boxes"] * target["boxes"].new_tensor([sx, sy, sx, sy])
+    # Python-number factors: a tensor built from them would be a host-to-device copy per image
+    boxes = target["boxes"].clone()
+    boxes[:, 0::2] *= sx
+    boxes[:, 1::2] *= sy
+    out["boxes"] = boxes
     if target.get("masks") is not None:
         out["masks"] = resize_labels(target["masks"], dst)
     return out

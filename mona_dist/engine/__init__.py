@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mona_dist.config.schema import EngineConfig, OptimConfig
@@ -17,6 +18,7 @@ __all__ = [
     "Engine",
     "LRSchedule",
     "build_engine",
+    "configure_backends",
     "enable_activation_checkpointing",
     "move_batch",
     "param_groups",
@@ -25,19 +27,33 @@ __all__ = [
 
 
 def build_engine(model: nn.Module, cfg: EngineConfig, optim: OptimConfig, *, micro_batch_size: int,
-                 world_size: int = 1) -> Engine:
-    """Wrap `model` for training. Multi-rank (and fairscale/DeepSpeed) need an initialised process group."""
+                 world_size: int = 1, device: torch.device | None = None, fixed_shape: bool = False) -> Engine:
+    """Wrap `model` for training on `device` (default `pick_device()`: this rank's GPU, else the CPU).
+    Multi-rank (and fairscale/DeepSpeed) need an initialised process group. `fixed_shape` says the task trains on
+    inputs of one (or a few) shapes: `engine.cudnn_benchmark` then defaults to on."""
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
-    device = pick_device()
+    device = device if device is not None else pick_device()
+    configure_backends(cfg, device)
     if cfg.name == "deepspeed":
         from mona_dist.engine.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, cfg, optim, device, micro_batch_size, world_size)
-    if cfg.name == "fairscale":
+        engine: Engine = DeepSpeedEngine(model, cfg, optim, device, micro_batch_size, world_size)
+    elif cfg.name == "fairscale":
         from mona_dist.engine.fairscale_engine import FairscaleEngine
 
-        return FairscaleEngine(model, cfg, optim, device)
-    from mona_dist.engine.ddp_engine import DDPEngine
+        engine = FairscaleEngine(model, cfg, optim, device)
+    else:
+        from mona_dist.engine.ddp_engine import DDPEngine
 
-    return DDPEngine(model, cfg, optim, device)
+        engine = DDPEngine(model, cfg, optim, device)
+    engine.cudnn_benchmark = device.type == "cuda" and (cfg.cudnn_benchmark if cfg.cudnn_benchmark is not None
+                                                        else fixed_shape)
+    return engine
+
+
+def configure_backends(cfg: EngineConfig, device: torch.device) -> None:
+    """TF32 for the fp32 matmuls and convolutions on CUDA (`engine.tf32`); process-wide, as torch's flags are."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32

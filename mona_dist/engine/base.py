@@ -2,9 +2,10 @@
 
 The loop only ever calls: `engine(batch)` (forward under the engine's precision), `engine.accumulating(last)`,
 `engine.backward(loss)`, `engine.step()` / `engine.discard_step()`, `engine.set_lr(lr)`, `engine.save(dir)` /
-`engine.load(dir)` and `engine.exported()` (full trainable weights, gathered under ZeRO-3). `engine.model` is the
-plain model the task built; `engine.module` is what runs the forward (a DDP/ShardedDDP/DeepSpeed wrapper or the
-model itself).
+`engine.load(dir)`, `engine.exported()` (full trainable weights, gathered under ZeRO-3) and
+`engine.trainable_weights()` (what an adapter file holds: the fp32 master weights where the engine keeps them).
+`engine.model` is the plain model the task built; `engine.module` is what runs the forward (a DDP/ShardedDDP/
+DeepSpeed wrapper or the model itself).
 """
 
 from __future__ import annotations
@@ -17,18 +18,33 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from mona_dist.adapters.io import trainable_state_dict
 from mona_dist.config.schema import EngineConfig
 
 
-def move_batch(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
-    """Tensors (also inside dicts/lists/tuples) to `device`; floating ones to `float_dtype` when given."""
+# Batch entries that stay on the host: per-sample numbers the model reads as Python values (the jitter and
+# the flips). On the device, every read would make the host wait for the GPU.
+HOST_KEYS = frozenset({"jitter", "photometric", "flips"})
+
+
+def move_batch(batch: Any, device: torch.device, image_dtype: torch.dtype | None = None) -> Any:
+    """A batch's tensors (also inside dicts/lists/tuples) to `device`, but for `HOST_KEYS`; floating `images` to
+    `image_dtype` when given. Nothing else is cast: box coordinates, areas and jitter factors stay fp32 (1030.5
+    is 1032 in bf16), and uint8 images become the compute dtype in the model's `DataPreprocessor`."""
+    if isinstance(batch, dict):
+        return {k: v if k in HOST_KEYS else _move(v, device, image_dtype if k == "images" else None)
+                for k, v in batch.items()}
+    return _move(batch, device, None)
+
+
+def _move(obj: Any, device: torch.device, float_dtype: torch.dtype | None) -> Any:
     if isinstance(obj, torch.Tensor):
         dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else None
         return obj.to(device=device, dtype=dtype, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: move_batch(v, device, float_dtype) for k, v in obj.items()}
+        return {k: _move(v, device, float_dtype) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(move_batch(v, device, float_dtype) for v in obj)
+        return type(obj)(_move(v, device, float_dtype) for v in obj)
     return obj
 
 
@@ -51,9 +67,13 @@ class Engine(ABC):
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
-        self.grad_norm: float | None = None
+        # Pre-clip global norm of the last step, left where the engine computed it (a device tensor): reading it
+        # would make the host wait for the GPU, so the loop reads it on log steps only.
+        self.grad_norm: torch.Tensor | float | None = None
         self.module: nn.Module = model
         self.optimizer: torch.optim.Optimizer
+        self.cudnn_benchmark = False  # set by build_engine; applies in train mode only
+        self.foreach = cfg.foreach if cfg.foreach is not None else device.type == "cuda"
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward_context(self) -> contextlib.AbstractContextManager:
@@ -62,16 +82,19 @@ class Engine(ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.cfg.precision])
 
-    def batch_dtype(self) -> torch.dtype | None:
+    def image_dtype(self) -> torch.dtype | None:
+        """The dtype floating images are cast to on the way in (None: as they come; autocast handles them)."""
         return None
 
     def __call__(self, batch: Any) -> Any:
-        batch = move_batch(batch, self.device, self.batch_dtype())
+        batch = move_batch(batch, self.device, self.image_dtype())
         with self.forward_context():
             return self.module(batch)
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
+        if self.device.type == "cuda":  # evaluation sees every image size: autotuning each would cost more
+            torch.backends.cudnn.benchmark = mode and self.cudnn_benchmark
 
     # -- optimisation --------------------------------------------------------------------------------------------
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
@@ -84,7 +107,7 @@ class Engine(ABC):
 
     @abstractmethod
     def step(self) -> None:
-        """Clip, update, clear gradients; sets `self.grad_norm` (pre-clip global norm)."""
+        """Clip, update, clear gradients; sets `self.grad_norm` (pre-clip global norm, not read)."""
 
     def discard_step(self) -> None:
         """Drop this step's gradients without updating (nan_policy=skip)."""
@@ -116,3 +139,17 @@ class Engine(ABC):
     def exported(self) -> Iterator[nn.Module]:
         """The plain model with its trainable weights readable (ZeRO-3 gathers them for the duration)."""
         yield self.model
+
+    def release(self) -> None:
+        """Drop what this engine holds (optimizer state, gradients, wrappers) so its memory can be freed; the
+        engine is unusable afterwards. The benchmark measures one method's engine with the others released."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        self.model.zero_grad(set_to_none=True)
+        self.module = self.model
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """Collective: every trainable tensor, whole, on the CPU, by state_dict name. The torch engines train fp32
+        weights under autocast, so these are the weights themselves."""
+        with self.exported() as model:
+            return {k: v.cpu() for k, v in trainable_state_dict(model).items()}

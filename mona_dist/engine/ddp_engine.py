@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from mona_dist.config.schema import EngineConfig, OptimConfig
@@ -47,8 +48,7 @@ class TorchEngine(Engine):
     def step(self) -> None:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = self.clip(self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
-        self.grad_norm = float(norm)
+        self.grad_norm = self.clip(self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf).detach()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -86,12 +86,23 @@ class TorchEngine(Engine):
             self.scaler.load_state_dict(state["scaler"])
 
 
+def needs_buffer_broadcast(model: nn.Module) -> bool:
+    """Whether DDP must send rank 0's buffers at every forward: only for BatchNorm statistics that each rank
+    would otherwise keep for itself (SyncBatchNorm's are equal already; Swin and ViT hold no such buffers)."""
+    return any(isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm) and m.track_running_stats
+               for m in model.modules())
+
+
 class DDPEngine(TorchEngine):
     name = "ddp"
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, device: torch.device):
         super().__init__(model, cfg, optim, device)
-        self.optimizer = build_adamw(param_groups(self.model, optim), optim)
+        self.optimizer = build_adamw(param_groups(self.model, optim), optim, foreach=self.foreach)
         if _world()[1] > 1:
             ids = [device.index] if device.type == "cuda" else None
-            self.module = DistributedDataParallel(self.model, device_ids=ids)
+            broadcast = cfg.broadcast_buffers if cfg.broadcast_buffers is not None else needs_buffer_broadcast(model)
+            # gradient_as_bucket_view: gradients live in DDP's buckets instead of beside them (one copy fewer);
+            # zero_grad(set_to_none) is fine with it, DDP re-creates the views at the next backward.
+            self.module = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=broadcast,
+                                                  gradient_as_bucket_view=cfg.gradient_as_bucket_view)

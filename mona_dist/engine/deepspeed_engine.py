@@ -18,23 +18,49 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from torch import nn
 
+from mona_dist.adapters.io import clean_name
 from mona_dist.config.loader import ConfigError, deep_merge
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine.base import DTYPES, Engine
 from mona_dist.engine.deepspeed_compat import release_cpu_allreduce_buffer
 from mona_dist.engine.optim import build_adamw, param_groups
+from mona_dist.engine.precision import match_engine_dtype
 from mona_dist.serialization import safe_torch_load
 
 TAG = "engine"
 
 
-def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int) -> dict[str, Any]:
-    """Our config -> DeepSpeed's JSON dict, with the user's override file merged on top and checked."""
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's own ZeRO-1/2 reduce/allgather bucket, in elements
+MIN_BUCKET = 1 << 20
+
+
+def bucket_elements(trainable: int, largest: int) -> int:
+    """ZeRO-1/2 reduce/allgather bucket size from what trains: a quarter of the trainable elements, so reduction
+    can start while backward still runs, never below one tensor (`largest`) or 2^20, never above DeepSpeed's 5e8.
+    DeepSpeed allocates its 5e8 default on the device whatever trains: 1-2 GB for a few million adapter weights."""
+    return int(min(DEFAULT_BUCKET, max(MIN_BUCKET, largest, -(-trainable // 4))))
+
+
+def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int, trainable: int = 0,
+                     largest: int = 0, cuda: bool | None = None) -> dict[str, Any]:
+    """Our config -> DeepSpeed's JSON dict, with the user's override file merged on top and checked.
+
+    `trainable` / `largest`: trainable element count and largest trainable tensor (bucket sizes; 0: DeepSpeed's
+    defaults); `cuda`: whether the run is on a GPU (default: CUDA is available)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage in (1, 2):
+        if cfg.bucket_elements is not None or trainable:
+            size = cfg.bucket_elements or bucket_elements(trainable, largest)
+            zero.update(reduce_bucket_size=size, allgather_bucket_size=size)
+        # Overlapping needs a second stream and something to overlap with: other ranks, on a GPU.
+        zero["overlap_comm"] = cfg.overlap_comm if cfg.overlap_comm is not None else (cuda and world_size > 1)
+    elif cfg.overlap_comm is not None:
+        zero["overlap_comm"] = cfg.overlap_comm
     if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
     if cfg.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -43,7 +69,7 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int) 
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
-        # We hand DeepSpeed a plain torch AdamW over the trainable parameters only.
+        # We hand DeepSpeed an AdamW over the trainable parameters only (torch's, or DeepSpeedCPUAdam offloaded).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
@@ -63,6 +89,21 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int) 
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise ConfigError("engine.deepspeed_config", "enables both fp16 and bf16; pick one (engine.precision)")
     return ds
+
+
+def cpu_adam(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
+    """DeepSpeed's vectorised C++ AdamW for optimizer state offloaded to the CPU: torch's AdamW would step the
+    offloaded fp32 state one tensor at a time in Python. Its op is built with ninja and a C++ compiler on first
+    use (about two minutes) unless DeepSpeed was installed with DS_BUILD_CPU_ADAM=1."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    try:
+        return DeepSpeedCPUAdam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, adamw_mode=True)
+    except Exception as err:  # the JIT build reports through several exception types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("engine.offload_optimizer", f"DeepSpeedCPUAdam's C++ op could not be built or loaded "
+                          f"({first}); it needs ninja and a C++ compiler, or DeepSpeed installed with "
+                          f"DS_BUILD_CPU_ADAM=1") from None
 
 
 def _deepspeed_safe_globals() -> list[type]:
@@ -87,18 +128,23 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, device: torch.device,
                  micro_batch_size: int, world_size: int):
         super().__init__(model.to(device), cfg, device)
-        self.ds_config = deepspeed_config(cfg, micro_batch_size, world_size)
-        optimizer = build_adamw(param_groups(self.model, optim), optim)
+        trainable = [p.numel() for p in self.model.parameters() if p.requires_grad]
+        self.ds_config = deepspeed_config(cfg, micro_batch_size, world_size, sum(trainable), max(trainable, default=0),
+                                          cuda=device.type == "cuda")
+        groups = param_groups(self.model, optim)
+        optimizer = cpu_adam(groups, optim) if cfg.offload_optimizer else build_adamw(groups, optim, self.foreach)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config)
         release_cpu_allreduce_buffer()  # DeepSpeed's CPU all-reduce never unlinks its /dev/shm buffers
         self.ds.checkpoint_engine = SafeCheckpointEngine(self.ds._config)
         self.module = self.ds
         self._dtype = next((DTYPES[k] for k in ("bf16", "fp16") if self.ds_config[k].get("enabled")), None)
+        if self._dtype is not None:
+            match_engine_dtype(self.model, self._dtype)  # DeepSpeed cast the parameters only
 
     def forward_context(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 weights; inputs are cast instead
+        return contextlib.nullcontext()  # DeepSpeed holds bf16/fp16 weights; images are cast instead
 
-    def batch_dtype(self) -> torch.dtype | None:
+    def image_dtype(self) -> torch.dtype | None:
         return self._dtype
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
@@ -112,12 +158,19 @@ class DeepSpeedEngine(Engine):
     def step(self) -> None:
         assert self.ds.is_gradient_accumulation_boundary(), "step() before the last micro-batch's backward()"
         self.ds.step()
-        norm = self.ds.get_global_grad_norm()
-        self.grad_norm = None if norm is None else float(norm)
+        self.grad_norm = self.ds.get_global_grad_norm()  # a tensor or a float, as DeepSpeed's optimizer keeps it
 
     def discard_step(self) -> None:
         # Reached only with grad_accum == 1 (config rule), where no backward ran this step: nothing to drop.
         self.ds.zero_grad()
+
+    def release(self) -> None:
+        # DeepSpeed's own teardown removes its hooks and buffers (ZeRO-3's parameter coordinator, IPG buckets)
+        destroy = getattr(self.ds, "destroy", None)
+        if destroy is not None:
+            destroy()
+        self.module = self.ds = self.optimizer = None  # type: ignore[assignment]
+        self.model.zero_grad(set_to_none=True)
 
     def save(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
@@ -129,6 +182,19 @@ class DeepSpeedEngine(Engine):
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise ValueError(f"checkpoint {directory}/{TAG} could not be loaded by DeepSpeed")
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """Collective: DeepSpeed's fp32 master copies (ZeRO 1-3 and its bf16 optimizer keep them; each is
+        assembled from the ranks' shards), not the bf16/fp16 weights the forward uses; fp32 runs without a
+        partitioning optimizer hold no copy and give the weights themselves."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:  # same order on every rank: each call is collective
+                master = safe_get_full_fp32_param(param)
+                out[clean_name(name)] = (master if master is not None else param.detach()).float().cpu()
+        return out
 
     @contextlib.contextmanager
     def exported(self) -> Iterator[nn.Module]:

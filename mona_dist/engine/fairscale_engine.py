@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mona_dist.config.schema import EngineConfig, OptimConfig
-from mona_dist.engine.ddp_engine import TorchEngine
+from mona_dist.engine.ddp_engine import TorchEngine, needs_buffer_broadcast
 from mona_dist.engine.optim import param_groups
 
 
@@ -27,13 +27,15 @@ class FairscaleEngine(TorchEngine):
         super().__init__(model, cfg, optim, device)
         self.optimizer = OSS(
             param_groups(self.model, optim), optim=torch.optim.AdamW,
-            lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=False,
+            lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=self.foreach,
         )
         if cfg.zero_stage >= 2:
             self.module = ShardedDataParallel(self.model, self.optimizer)
         elif tdist.get_world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
-            self.module = DistributedDataParallel(self.model, device_ids=ids)
+            broadcast = cfg.broadcast_buffers if cfg.broadcast_buffers is not None else needs_buffer_broadcast(model)
+            self.module = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=broadcast,
+                                                  gradient_as_bucket_view=cfg.gradient_as_bucket_view)
 
     def zero_grad(self) -> None:
         # ShardedDDP keeps small gradients as views into its reduce buckets; the optimizer's set_to_none would

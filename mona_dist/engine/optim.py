@@ -108,9 +108,10 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             for (wd, mult), params in groups.items()]
 
 
-def build_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
-    # foreach=False: the same arithmetic on every engine, so DDP and DeepSpeed runs stay comparable.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+def build_adamw(groups: list[dict], cfg: OptimConfig, foreach: bool = False) -> torch.optim.AdamW:
+    """torch's AdamW over `groups`. `foreach` runs its multi-tensor kernels: a few launches per step instead of
+    several per tensor, which is what hundreds of small adapter tensors need on a GPU (`engine.foreach`)."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=foreach)
 
 
 class LRSchedule:

@@ -22,6 +22,7 @@ TB_TAGS = {
     "data_wait_s": "perf/data_wait_s",
     "step_time_s": "perf/step_time_s",
     "mem_bytes": "perf/peak_mem_bytes",
+    "mem_reserved_bytes": "perf/peak_mem_reserved_bytes",
     "skipped_samples": "data/skipped_samples",
     "skipped_steps": "train/skipped_steps",
 }
@@ -66,7 +67,8 @@ class Monitor:
             self._write(step, {"step": step, **{f"model/{k}": v for k, v in values.items()}})
 
     def log_step(self, record: dict[str, Any]) -> None:
-        """One optimizer step: `record` has at least step, loss, lr, grad_norm, samples_per_s, mem_bytes."""
+        """One optimizer step: `record` has at least step, loss, lr, grad_norm; on log steps also the interval's
+        samples_per_s, mem_bytes, ... (`StepMeter.finish`)."""
         if not self.enabled:
             return
         # metrics.jsonl gets every step; TensorBoard every `log_interval` steps (and the first).
@@ -74,8 +76,10 @@ class Monitor:
         self._write(step, record, tensorboard=step % self.log_interval == 0 or step == 1)
         if self.bar is not None:
             self.bar.update(record["step"] - self.bar.n)
+            if "samples_per_s" in record:
+                self._sps = record["samples_per_s"]
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 sps=f"{record['samples_per_s']:.1f}")
+                                 sps=f"{getattr(self, '_sps', float('nan')):.1f}")
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

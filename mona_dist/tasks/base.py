@@ -32,6 +32,8 @@ class Task:
 
     name: ClassVar[str] = ""
     head_options: ClassVar[type[BaseModel]] = NoHeadOptions
+    # Training batches of one or a few shapes: cuDNN's autotuning (engine.cudnn_benchmark) then pays off.
+    fixed_shape: ClassVar[bool] = False
 
     def options(self, cfg: Config) -> BaseModel:
         """`cfg.model.head` validated by this task's `head_options`; errors name the key (`model.head.x`)."""

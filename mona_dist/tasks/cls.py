@@ -64,6 +64,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 @register_task("cls")
 class ClsTask(Task):
     head_options = ClsHeadOptions
+    fixed_shape = True  # every training crop has the pipeline's size
 
     def check(self, cfg) -> None:
         super().check(cfg)

@@ -199,7 +199,16 @@ def build_segmentor(
         module = getattr(net, name, None)
         if module is not None and module.init_cfg:
             initialize(module, module.init_cfg)
+        if module is not None:
+            # Logits leave each head in fp32, whatever the compute dtype (autocast, or DeepSpeed's bf16 weights):
+            # the resize to label size, the cross-entropy and the argmax then run in fp32, where mmseg 0.x's fp16
+            # put them (force_fp32). conv_seg is the heads' last layer; their forward() is called directly.
+            module.conv_seg.register_forward_hook(_fp32_output)
     return SegModel(net, head.ignore_index, preprocessor)
+
+
+def _fp32_output(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
 
 
 # ---- metric ---------------------------------------------------------------------------------------------------
@@ -251,6 +260,7 @@ class SegTask(Task):
     """ADE20K-style semantic segmentation; `model.num_classes` defaults to the train shards' class list."""
 
     head_options = SegHeadOptions
+    fixed_shape = True  # training crops are the crop size, or smaller ones padded to /32: a few shapes
 
     def check(self, cfg) -> None:
         super().check(cfg)

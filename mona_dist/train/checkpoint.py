@@ -90,9 +90,9 @@ def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: A
     engine.save(partial)
     torch.save({"step": step, "rng": rng_state(), "loader": loader.state_dict(), "counters": counters or {}},
                partial / f"rank-{dist.rank:05d}.pt")
-    with engine.exported() as model:
-        if dist.is_main:
-            save_adapter(model, partial / "adapter.safetensors", step=str(step))
+    weights = engine.trainable_weights()  # collective; fp32 masters under DeepSpeed bf16/fp16
+    if dist.is_main:
+        save_adapter(weights, partial / "adapter.safetensors", step=str(step))
     barrier()
     if dist.is_main:
         (partial / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, "world_size": dist.world_size,

@@ -1,11 +1,15 @@
 """The training loop: build everything from the config, then step, log, evaluate and checkpoint.
 
-One all-reduce per micro-batch carries [loss, non-finite flag, pre-emption flag], so every rank takes the same
-decision (skip, stop, save-and-exit) at the same step without extra synchronisation.
+One all-reduce per optimizer step carries [loss, non-finite flag, pre-emption flag], so every rank takes the same
+decision (skip, stop, save-and-exit) at the same step. Reading its result is the one time per step the host waits
+for the GPU (`host_sync.py`); everything else that needs the device's numbers (grad norms, timings, memory) waits
+for a log step, and the step records that carry them reach metrics.jsonl then, or at a checkpoint, an evaluation
+or the end, whichever comes first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from pathlib import Path
@@ -19,8 +23,9 @@ from mona_dist.config import Config, dump_config
 from mona_dist.config.resolve import resolve_batch, resolve_length
 from mona_dist.distributed import DistState, init_distributed
 from mona_dist.engine import Engine, LRSchedule, build_engine
+from mona_dist.host_sync import host_values, to_host
 from mona_dist.models import count_parameters
-from mona_dist.monitor import Monitor, StepMeter
+from mona_dist.monitor import Monitor, StepMeter, resolve_grad_norms
 from mona_dist.tasks import TASKS, Task
 from mona_dist.train.checkpoint import (checkpoint_root, frozen_fingerprint, load_checkpoint, resolve_resume,
                                         save_checkpoint, set_rng_state)
@@ -65,17 +70,25 @@ def epoch_batches(loader: Any) -> int | None:
         return None
 
 
-def agree(loss: torch.Tensor, preempt: bool, device: torch.device) -> tuple[float, bool, bool]:
-    """Collective: (mean loss over ranks, any rank non-finite, any rank pre-empted)."""
-    finite = bool(torch.isfinite(loss))
-    t = torch.tensor([loss.item() if finite else 0.0, 0.0 if finite else 1.0, float(preempt)], dtype=torch.float64)
+def agree(loss: torch.Tensor, preempt: bool) -> tuple[float, bool, bool]:
+    """Collective: (mean loss over ranks, any rank non-finite, any rank pre-empted); one host wait."""
+    finite = torch.isfinite(loss)
+    # Built on the loss's device from Python numbers by fill kernels: no host-to-device copy.
+    t = torch.stack([torch.where(finite, loss, 0.0).double(), (~finite).double(),
+                     loss.new_full((), float(preempt), dtype=torch.float64)])
     world = 1
     if tdist.is_initialized() and tdist.get_world_size() > 1:
-        t = t.to(device if tdist.get_backend() == "nccl" else "cpu")
-        tdist.all_reduce(t)
         world = tdist.get_world_size()
-    loss_mean, nonfinite, stop = t.tolist()
-    return (loss_mean / world if not nonfinite else math.nan), nonfinite > 0, stop > 0
+        if tdist.get_backend() == "nccl":
+            tdist.all_reduce(t)
+            t = to_host(t, "agree")
+        else:  # gloo reduces host tensors
+            t = to_host(t, "agree")
+            tdist.all_reduce(t)
+    else:
+        t = to_host(t, "agree")
+    loss_sum, nonfinite, stop = host_values(t)
+    return (loss_sum / world if not nonfinite else math.nan), nonfinite > 0, stop > 0
 
 
 def evaluate(task: Task, engine: Engine, loader: Any, dist: DistState) -> dict[str, float]:
@@ -114,7 +127,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
             "frozen_fingerprint": frozen_fingerprint(model)}
     seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
     engine = build_engine(model, cfg.engine, cfg.optim, micro_batch_size=cfg.data.batch_size,
-                          world_size=dist.world_size)
+                          world_size=dist.world_size, fixed_shape=task.fixed_shape)
     schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps, steps_per_epoch)
 
     step, skipped_steps = 0, 0
@@ -137,29 +150,42 @@ def train(cfg: Config, resume: str | None = None) -> int:
         monitor.message(f"resumed from {ckpt} at step {step}")
     monitor.log_static(step, {"params_total": total_params, "params_trainable": trainable_params})
     meter, batches, accum = StepMeter(engine.device), endless(loader), cfg.engine.grad_accum
+    pending: list[dict] = []  # step records waiting for a sync point (their grad norms are device tensors)
+
+    def flush(stats: dict | None = None) -> None:
+        if monitor.enabled:
+            resolve_grad_norms(pending)
+            if stats is not None:
+                pending[-1].update(stats)
+            for record in pending:
+                monitor.log_step(record)
+        pending.clear()
+
     engine.train(True)
+    meter.begin()
     with PreemptionFlag() as preemption:
         try:
             while step < cfg.train.max_steps:
                 engine.set_lr(schedule(step))
-                meter.start()
-                losses, bad, stop = [], False, False
+                loss_sum = None
                 for micro in range(accum):
                     meter.data_start()
                     # the loader leaves the global torch RNG alone (its own generator, RNG restored around
                     # in-process augmentation), so dropout masks do not depend on when its iterators start
                     batch = next(batches)
                     meter.data_end(task.batch_size(batch))
-                    if bad:
-                        continue  # keep consuming the step's batches so the data position stays aligned
-                    with engine.accumulating(last=micro == accum - 1):
+                    last = micro == accum - 1
+                    with engine.accumulating(last=last):
                         loss = engine(batch)["loss"]
-                        mean, bad, flagged = agree(loss.detach().float(), preemption.requested, engine.device)
-                        stop |= flagged
-                        if not bad:
+                        detached = loss.detach().float()
+                        loss_sum = detached if loss_sum is None else loss_sum + detached
+                        if last:  # decided before the last backward: DeepSpeed reduces gradients inside it
+                            mean, bad, stop = agree(loss_sum / accum, preemption.requested)
+                        if not last or not bad:
+                            # a non-finite earlier micro-batch leaves non-finite gradients: dropped below
                             engine.backward(loss)
-                            losses.append(mean)
                 if bad and cfg.train.nan_policy == "stop":
+                    flush()
                     where = save(step)
                     monitor.message(f"error: non-finite loss at step {step + 1}; stopped. The state before that step "
                                     f"is saved in {where} (train.nan_policy=skip skips such steps)", error=True)
@@ -170,21 +196,32 @@ def train(cfg: Config, resume: str | None = None) -> int:
                 else:
                     engine.step()
                 step += 1
-                stats = meter.finish(skipped_samples=getattr(loader, "skipped", 0))
-                monitor.log_step({"step": step, "loss": math.nan if bad else sum(losses) / len(losses),
-                                  "lr": engine.lr, "grad_norm": None if bad else engine.grad_norm, **stats,
-                                  "skipped_steps": skipped_steps})
+                meter.step_done()
+                norm = None if bad else engine.grad_norm
+                pending.append({"step": step, "loss": math.nan if bad else mean, "lr": engine.lr,
+                                "grad_norm": norm.detach().clone() if torch.is_tensor(norm) else norm,
+                                "skipped_steps": skipped_steps})
+                t = cfg.train
+                last = step == t.max_steps
+                log = step % t.log_interval == 0 or step == 1 or last or stop
+                save_due = bool(t.ckpt_interval) and (step % t.ckpt_interval == 0 or last)
+                eval_due = val_loader is not None and bool((t.eval_interval and step % t.eval_interval == 0)
+                                                           or (last and t.eval_at_end))
+                if log or save_due or eval_due:
+                    flush(meter.finish(skipped_samples=getattr(loader, "skipped", 0)) if log else None)
                 if stop:
                     where = save(step)
                     monitor.message(f"pre-empted: checkpoint {where} saved at step {step}; exiting {EX_TEMPFAIL}")
                     return EX_TEMPFAIL
-                if cfg.train.ckpt_interval and (step % cfg.train.ckpt_interval == 0 or step == cfg.train.max_steps):
+                if save_due:
                     save(step)
-                last = step == cfg.train.max_steps
-                due = cfg.train.eval_interval and step % cfg.train.eval_interval == 0
-                if val_loader is not None and (due or (last and cfg.train.eval_at_end)):
+                if eval_due:
                     monitor.log_eval(step, evaluate(task, engine, val_loader, dist))
+                if log or save_due or eval_due:
+                    meter.begin()  # the next interval's time and peak memory leave out this one's save and eval
             monitor.message(f"done: {step} steps; outputs in {out} (checkpoints: {checkpoint_root(out)})")
             return 0
         finally:
+            with contextlib.suppress(Exception):  # best effort on the way out of an error: keep what was measured
+                flush()
             monitor.close()

@@ -1,13 +1,16 @@
 """`mona-dist bench` on a small backbone: outputs well-formed, the highway keeps little, ZeRO shards state."""
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 
+from mona_dist.bench import runner
 from mona_dist.bench.report import write_outputs
 from mona_dist.bench.runner import BenchSpec, run_bench
 from ports import free_port
@@ -107,3 +110,33 @@ def test_det_benchmarks_a_real_retinanet():
     assert e3va["trainable"] > 0 == fixed["trainable"]
     assert fixed["saved_activation_bytes"] > 0  # the detector's head trains under every method
     assert e3va["peak_vs_fixed"] > 1.0
+
+
+def test_each_method_is_measured_alone_on_the_device_asked_for(monkeypatch):
+    """When a method's memory is measured, no model of an earlier method is alive (CPU and CUDA tables compare);
+    the engine is built on the bench's device, never on `pick_device()`'s (`--device cpu` on a GPU host)."""
+    import mona_dist.engine as engine_pkg
+
+    def no_pick():
+        raise AssertionError("the bench asked pick_device() instead of using its --device")
+
+    monkeypatch.setattr(engine_pkg, "pick_device", no_pick)
+    built, alive_at_build = [], []
+    real_build = runner.build_model
+
+    def tracked(spec, method, opts):
+        gc.collect()
+        alive_at_build.append(sum(ref() is not None for ref in built))
+        model = real_build(spec, method, opts)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(runner, "build_model", tracked)
+    spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=["fixed", "mona", "e3va"], task="cls",
+                     batch_size=1, img_size=32, steps=1, warmup=0)
+    rows = run_bench(spec, torch.device("cpu"))
+    assert [r["method"] for r in rows] == spec.methods
+    # three memory builds, each with nothing else alive; then the three timing builds, held together
+    assert alive_at_build == [0, 0, 0, 0, 1, 2]
+    gc.collect()
+    assert all(ref() is None for ref in built)  # and all released at the end

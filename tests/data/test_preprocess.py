@@ -16,6 +16,22 @@ from mona_dist.data.wds_compat import SkipCounter, iter_shard
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+@pytest.fixture
+def single_process_group(monkeypatch):
+    """A one-rank gloo group in memory, as `train.loop.join_group` makes for DeepSpeed in one process (with the
+    variables `distributed.init_distributed` exports)."""
+    import torch.distributed as tdist
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    created = not tdist.is_initialized()  # a failed run earlier in this process may have left its group
+    if created:
+        tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    yield
+    if created:
+        tdist.destroy_process_group()
+
+
 def pixels(*shape: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
@@ -47,13 +63,28 @@ def test_padding_is_zero_after_normalisation():
     assert torch.allclose(out[0], reference(images[0]), atol=1e-6)
 
 
-def test_output_follows_the_model_dtype_but_computes_in_fp32():
-    pre = DataPreprocessor(MEAN, STD).bfloat16()  # what DeepSpeed's bf16 does to the whole model
-    images = pixels(1, 3, 8, 8)
-    out = pre(images)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, reference(images).to(torch.bfloat16))
-    assert pre.state_dict() == {}  # nothing lands in checkpoints
+def test_under_deepspeed_bf16_the_backbone_gets_bf16_computed_in_fp32(single_process_group):
+    """The real engine: DeepSpeed casts the parameters (not the buffers) and sets the preprocessor's output dtype;
+    the backbone receives the fp32 normalisation rounded once to bf16, and the preprocessor has no state."""
+    from mona_dist.config.schema import EngineConfig, OptimConfig
+    from mona_dist.engine import build_engine
+    from mona_dist.models import build_backbone
+    from mona_dist.tasks.cls import Classifier, ClsHeadOptions
+
+    torch.manual_seed(0)
+    pre = DataPreprocessor(MEAN, STD)
+    model = Classifier(build_backbone("swin_nano_patch4_window7", "mona"), 4, ClsHeadOptions(), pre)
+    engine = build_engine(model, EngineConfig(name="deepspeed", zero_stage=2, precision="bf16"), OptimConfig(),
+                          micro_batch_size=2)
+    seen = {}
+    model.backbone.register_forward_pre_hook(lambda _m, args: seen.update(images=args[0]))
+    images = pixels(2, 3, 32, 32)
+    loss = engine({"images": images, "labels": torch.tensor([0, 3])})["loss"]
+    assert next(model.backbone.parameters()).dtype == torch.bfloat16 and pre.output_dtype == torch.bfloat16
+    assert seen["images"].dtype == torch.bfloat16
+    assert torch.equal(seen["images"], reference(images).to(torch.bfloat16))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert pre.state_dict() == {} and list(pre.buffers()) == []  # nothing lands in checkpoints, nothing to cast
 
 
 def test_device_jitter_is_torchvisions_color_jitter_with_the_workers_draws():

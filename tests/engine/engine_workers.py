@@ -72,6 +72,9 @@ def run_variants(rank: int, world_size: int, port: int, variants: list[dict], ou
                                      for k in trainable0),
             "after": after,
             "resumed": resumed,
+            # what DDP was built with: the toy has no BatchNorm, so no buffer broadcast; gradients in its buckets
+            "ddp_flags": [getattr(engine.module, "broadcast_buffers", None),
+                          getattr(engine.module, "gradient_as_bucket_view", None)],
         }
     write_result(Path(out), rank, results)
     tdist.destroy_process_group()

@@ -69,6 +69,12 @@ def test_sharded_engines_match_ddp(results, key):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("key", ["ddp0fp32a1", "ddp0fp32a2", "fairscale1fp32a1"])
+def test_ddp_keeps_gradients_in_its_buckets_and_broadcasts_no_buffers(results, key):
+    assert results[key]["ddp_flags"] == [False, True]
+
+
+@pytest.mark.slow
 def test_grad_accum_agrees_across_engines(results):
     """Two micro-batches per step: DDP (no_sync on the first) and DeepSpeed's own accumulation agree."""
     assert results["ddp0fp32a2"]["losses"] == pytest.approx(results["deepspeed2fp32a2"]["losses"], rel=1e-4, abs=1e-5)

@@ -23,7 +23,8 @@ class Toy(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, batch: dict) -> dict:
-        x = self.stem(batch["x"])
+        # the model takes its input in its weights' dtype, as a task model's DataPreprocessor hands it on
+        x = self.stem(batch["x"].to(self.stem.weight.dtype))
         x = x + self.adapter(x)
         logits = self.head(self.norm(x))
         return {"loss": nn.functional.cross_entropy(logits.float(), batch["y"]), "logits": logits}

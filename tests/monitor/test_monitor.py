@@ -51,15 +51,32 @@ def test_other_ranks_write_nothing(tmp_path):
 
 def test_step_meter_single_process():
     meter = StepMeter(torch.device("cpu"))
-    meter.start()
-    for _ in range(2):
+    meter.begin()
+    for _ in range(2):  # two steps of one batch each
         meter.data_start()
         meter.data_end(samples=4)
+        meter.step_done()
     stats = meter.finish(skipped_samples=2)
     assert stats["samples_per_s_rank"] == [stats["samples_per_s"]] and stats["samples_per_s"] > 0
-    assert stats["samples_per_s"] == pytest.approx(8 / stats["step_time_s"], rel=1e-3)
+    assert stats["samples_per_s"] == pytest.approx(8 / (2 * stats["step_time_s"]), rel=1e-3)  # per-step time
     assert stats["skipped_samples"] == 2 and stats["data_wait_s"] >= 0
     assert 10 << 20 < stats["mem_bytes"] <= peak_memory_bytes(torch.device("cpu"))  # peak RSS of this process
+    assert "mem_reserved_bytes" not in stats  # CUDA's caching allocator only
+
+
+def test_each_interval_reports_its_own_peak():
+    """begin() resets the peak: an allocation in one interval (an eval, a checkpoint gather) is not the next's."""
+    import mmap
+
+    meter = StepMeter(torch.device("cpu"))
+    meter.begin()
+    big = mmap.mmap(-1, 64 << 20)  # 64 MiB of its own pages (malloc may keep freed memory), all touched
+    big.write(b"\1" * (64 << 20))
+    first = meter.finish()["mem_bytes"]
+    big.close()
+    meter.begin()
+    second = meter.finish()["mem_bytes"]
+    assert first - second > 48 << 20, (first, second)
 
 
 def test_tensorboard_follows_log_interval_while_jsonl_keeps_every_step(tmp_path):

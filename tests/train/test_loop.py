@@ -17,8 +17,9 @@ from mona_dist.tasks import TASKS
 from mona_dist.train import EX_NONFINITE, train
 from mona_dist.train import checkpoint as ckpt_mod
 
-REQUIRED = {"step", "loss", "lr", "grad_norm", "samples_per_s", "mem_bytes", "samples_per_s_rank", "data_wait_s",
-            "skipped_samples"}
+EVERY_STEP = {"step", "loss", "lr", "grad_norm", "skipped_steps"}
+LOG_STEP = EVERY_STEP | {"samples_per_s", "mem_bytes", "samples_per_s_rank", "data_wait_s", "step_time_s",
+                         "skipped_samples"}
 
 
 def records(out: Path) -> list[dict]:
@@ -35,14 +36,17 @@ def run(path: Path, *overrides: str, resume: str | None = None) -> int:
 
 
 def test_run_writes_metrics_tensorboard_config_checkpoints_and_adapter(tmp_path, cls_shards):
-    path = tiny_config(tmp_path, cls_shards)
+    path = tiny_config(tmp_path, cls_shards, train={"log_interval": 4})
     assert run(path) == 0
     out = tmp_path / "run"
     recs = records(out)
     steps = [r for r in recs if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    assert all(REQUIRED <= r.keys() for r in steps)
-    assert all(r["mem_bytes"] > 0 and r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in steps)
+    assert all(EVERY_STEP <= r.keys() and r["grad_norm"] > 0 for r in steps)
+    # log steps (the first, every log_interval-th, the last) carry the interval's throughput and peak memory
+    logged = [r for r in steps if LOG_STEP <= r.keys()]
+    assert [r["step"] for r in logged] == [1, 4, 6]
+    assert all(r["mem_bytes"] > 0 and r["samples_per_s"] > 0 and r["step_time_s"] > 0 for r in logged)
     assert steps[0]["lr"] < steps[-1]["lr"] or steps[0]["lr"] != steps[-1]["lr"]  # the schedule moves
     evals = [r for r in recs if "eval/top1" in r]
     assert len(evals) == 1 and evals[0]["step"] == 6 and evals[0]["eval/samples"] == 16

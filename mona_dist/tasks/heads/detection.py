@@ -8,11 +8,17 @@ postprocess maps results back to the size the *model* was given.
 postprocessing to `Detector`, which knows each image's `orig_size` and maps boxes and masks to it with
 torchvision's own postprocess (masks are pasted directly at the original resolution, as mmdet does with
 `rescale=True`).
+
+Precision boundary (`fp32_heads`): only the backbone and FPN run in the compute dtype. Their maps leave in fp32,
+each head module computes in its weights' dtype (fp32 weights under autocast, bf16 under DeepSpeed) and hands
+back fp32, so anchors, box decoding, NMS, RoI pooling and the losses all see fp32 -- where mmdet's fp16 puts them
+(`force_fp32`). torchvision's `nms` / `roi_align` have no bf16 kernels, and `batched_nms` offsets each class's
+boxes by the largest coordinate: bf16 cannot tell 20 020 from 20 030.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -56,6 +62,49 @@ class PrenormalizedTransform(GeneralizedRCNNTransform):
             self.training = training
 
 
+# The modules with weights that torchvision's detectors call between their backbone and their post-processing.
+HEAD_MODULES = ("rpn.head", "roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.mask_head",
+                "roi_heads.mask_predictor", "head")
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, dict):
+        return type(obj)((k, _cast_floats(v, dtype)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_floats(v, dtype) for v in obj)
+    return obj
+
+
+def _to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    dtype = next(module.parameters()).dtype
+    return _cast_floats(args, dtype)
+
+
+def _to_fp32(_module: nn.Module, _args: tuple, output: Any) -> Any:
+    return _cast_floats(output, torch.float32)
+
+
+def fp32_heads(detector: nn.Module) -> list[str]:
+    """Hooks that make `detector` (a torchvision detector) hand fp32 to everything after its backbone: the
+    backbone's output in fp32, each of `HEAD_MODULES` fed in its weights' dtype and returning fp32. Returns the
+    head modules found; hooks are not state, so checkpoints and state dicts are unchanged."""
+    detector.backbone.register_forward_hook(_to_fp32)
+    found = []
+    for path in HEAD_MODULES:
+        try:
+            module = detector.get_submodule(path)
+        except AttributeError:
+            continue
+        module.register_forward_pre_hook(_to_weight_dtype)
+        module.register_forward_hook(_to_fp32)
+        found.append(path)
+    if not found:
+        raise ValueError(f"{type(detector).__name__}: none of the detector heads {HEAD_MODULES} found")
+    return found
+
+
 class Detector(nn.Module):
     """A torchvision detector behind the mona_dist batch contract.
 
@@ -70,6 +119,7 @@ class Detector(nn.Module):
         self.mask_thresh = mask_thresh  # for evaluation: binarises pasted mask probabilities
         if not isinstance(detector.transform, PrenormalizedTransform):
             detector.transform = PrenormalizedTransform()
+        fp32_heads(detector)
         self.detector = detector
 
     @property
