@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _leave_the_process_group():
+    """A test that ran `train()` or a command in this process leaves its group and takes back the rank variables
+    `init_distributed` exported, as `mona-dist` does at the end of every command: the next test starts clean (a
+    leaked LOCAL_WORLD_SIZE=1 once broke every later 2-rank test spawned from this process)."""
+    yield
+    from mona_dist import distributed
+
+    distributed.leave(wait_for_peers=False)

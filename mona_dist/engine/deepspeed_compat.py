@@ -1,6 +1,14 @@
-"""Workarounds for DeepSpeed on this stack, each with the reason. One so far.
+"""Workarounds for DeepSpeed on this stack, each with the reason.
 
-DeepSpeed 0.19's CPU accelerator runs all-reduce through shared memory when every rank is on one machine
+1. Stale process groups (`drop_stale_groups`). DeepSpeed 0.19 caches the groups it creates in module globals of
+`deepspeed.utils.groups` (`_WORLD_GROUP`, a clone of the world made on the first `deepspeed.initialize`) and never
+checks them again. Once the process group is destroyed (every mona-dist command leaves its group before it returns:
+`distributed.finish`) and a new one formed in the same process (a second run, the test suite), the next
+`deepspeed.initialize` hands torch the dead group: "Group ... is not registered, please create group with
+torch.distributed.new_group API". Before each initialize, cached groups torch no longer knows are dropped, so
+DeepSpeed makes new ones.
+
+2. /dev/shm buffers (`release_cpu_allreduce_buffer`). DeepSpeed 0.19's CPU accelerator runs all-reduce through shared memory when every rank is on one machine
 (LOCAL_SIZE == world size, which the deepspeed launcher sets). Each rank creates
 /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, 66 MB, in `shm_initialize`. Nothing
 ever unlinks it: `shared_close` in ops/csrc/cpu/comm/shm.cpp has no caller. So every CPU run, finished or killed,
@@ -20,6 +28,38 @@ from typing import Optional
 from mona_dist.distributed import barrier, get_state
 
 SHM_DIR = Path("/dev/shm")
+
+
+def drop_stale_groups() -> list[str]:
+    """Forget the process groups `deepspeed.utils.groups` cached that torch no longer knows; returns their names.
+
+    Call before `deepspeed.initialize`. Groups still registered with torch are kept.
+    """
+    import torch.distributed as tdist
+    from deepspeed.utils import groups
+
+    def stale(group: object) -> bool:
+        if not isinstance(group, tdist.ProcessGroup):
+            return False
+        if not tdist.is_initialized():
+            return True
+        try:
+            tdist.get_global_rank(group, 0)  # public; raises "not registered" for a group of a destroyed world
+        except (ValueError, RuntimeError):
+            return True
+        return False
+
+    dropped = []
+    for name, value in list(vars(groups).items()):
+        if not (name.startswith("_") and name.endswith("_GROUP")):
+            continue
+        if stale(value):
+            setattr(groups, name, None)
+            dropped.append(name)
+        elif isinstance(value, dict) and any(stale(g) for g in value.values()):
+            value.clear()  # e.g. _EXPERT_PARALLEL_GROUP: name -> group, rebuilt on demand
+            dropped.append(name)
+    return dropped
 
 
 def allreduce_buffer(rank: int, addr: str, port: int) -> Path:

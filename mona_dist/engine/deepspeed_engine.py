@@ -22,7 +22,7 @@ from mona_dist.adapters.io import clean_name
 from mona_dist.config.loader import ConfigError, deep_merge
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine.base import DTYPES, Engine
-from mona_dist.engine.deepspeed_compat import release_cpu_allreduce_buffer
+from mona_dist.engine.deepspeed_compat import drop_stale_groups, release_cpu_allreduce_buffer
 from mona_dist.engine.optim import build_adamw, param_groups
 from mona_dist.engine.precision import match_engine_dtype
 from mona_dist.serialization import safe_torch_load
@@ -133,6 +133,7 @@ class DeepSpeedEngine(Engine):
                                           cuda=device.type == "cuda")
         groups = param_groups(self.model, optim)
         optimizer = cpu_adam(groups, optim) if cfg.offload_optimizer else build_adamw(groups, optim, self.foreach)
+        drop_stale_groups()  # groups DeepSpeed cached from a process group destroyed since (deepspeed_compat.py)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config)
         release_cpu_allreduce_buffer()  # DeepSpeed's CPU all-reduce never unlinks its /dev/shm buffers
         self.ds.checkpoint_engine = SafeCheckpointEngine(self.ds._config)

@@ -46,7 +46,7 @@ def toy_batch(step: int, rank: int, batch: int = 16) -> dict:
 
 def init_group(rank: int, world_size: int, port: int) -> None:
     """Test harness only: a gloo group over TCP (the library gets ranks from mona_dist.distributed)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
