@@ -24,6 +24,8 @@ class ModelConfig(Section):
     method: str = "mona"
     method_options: dict[str, Any] = Field(default_factory=dict)
     pretrained: str | None = None
+    # False: weights of another architecture (more blocks, other widths) load where they match (models/pretrained.py)
+    pretrained_strict: bool = True
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     out_indices: list[int] | None = None
     # Swin only: "official" computes what the official Swin/Mona code computes (pad then shift every odd block,
