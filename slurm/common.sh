@@ -23,8 +23,12 @@
 #   4. The requeued job runs the same command; `--resume auto` picks up the checkpoint.
 # GPUs: the scripts ask `#SBATCH --gpus-per-task=1`, so every task (rank) sees exactly its own GPU (as cuda:0; mona-dist
 # exports LOCAL_RANK=0 for DeepSpeed accordingly). On CPU-only nodes pass `--gpus-per-task=0`.
-# SIGTERM (cancellation, time limit, pre-emption by SLURM itself) reaches srun and the tasks directly; this shell
-# traps it only to stay alive and report srun's real exit status.
+# SIGTERM (cancellation, the time limit, pre-emption by SLURM itself) reaches every process of the step directly:
+# the trainers save at their next step boundary and exit 75; their DataLoader workers ignore it and end with them.
+# The trainers have KillWait seconds (slurm.conf, often 30) before SIGKILL. A signal sent to this shell alone
+# (`--signal=B:TERM@...`, `scancel --batch --signal=TERM|USR1`) is forwarded to srun, the one process that relays
+# signals to every task of the step on every node; signalling a task's own children (its workers, or under a
+# `deepspeed` runner the runner itself) would reach only part of a rank, or nothing that relays it.
 
 set -euo pipefail
 
@@ -48,7 +52,7 @@ mona_srun() {
     mona_log "nodes=${SLURM_JOB_NODELIST:-?} ntasks=${SLURM_NTASKS:-?} restart=${SLURM_RESTART_COUNT:-0}: $*"
     srun "$@" &
     pid=$!
-    trap 'mona_log "batch shell got SIGTERM; waiting for srun"' TERM
+    trap 'mona_log "batch shell got SIGTERM; forwarding to srun"; kill -TERM "$pid" 2>/dev/null || true' TERM
     trap 'mona_log "batch shell got SIGUSR1; forwarding to srun"; kill -USR1 "$pid" 2>/dev/null || true' USR1
     while :; do
         status=0

@@ -12,8 +12,9 @@ user's own timm Swin once `apply_method` has run (unless it is given swin_arithm
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Iterable
+from typing import Annotated, Any, Callable, Iterable
 
+from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator
 from torch import nn
 
 from ..registry import Registry
@@ -55,6 +56,58 @@ def method_options(method: str) -> dict[str, object]:
     return {n: p.default for n, p in list(sig.parameters.items())[1:]}
 
 
+# Bounds of the options the methods share by name; their types come from each method's signature.
+_BOUNDS: dict[str, dict[str, float]] = {
+    "rank": {"gt": 0}, "hidden": {"gt": 0}, "inner_dim": {"gt": 0}, "branches": {"gt": 0}, "alpha": {"gt": 0},
+    "hidden_ratio": {"gt": 0}, "dropout": {"ge": 0, "lt": 1}, "scale": {"allow_inf_nan": False},
+}
+
+
+def _kernels_are_odd(value: tuple[int, ...]) -> tuple[int, ...]:
+    # depthwise filters pad k // 2 on each side: an even k would change the map's size
+    if not value or any(k <= 0 or k % 2 == 0 for k in value):
+        raise ValueError("needs one or more positive odd sizes")
+    return value
+
+
+def _options_model(method: str) -> type:
+    fields: dict[str, Any] = {}
+    for name, param in list(inspect.signature(METHODS.get(method), eval_str=True).parameters.items())[1:]:
+        kind = param.annotation
+        # numbers and switches as written (rank=true or rank=2.5 is a mistake); sequences may come as YAML lists
+        strict = kind in (int, float, bool)
+        fields[name] = (Annotated[kind, Field(strict=strict, **_BOUNDS.get(name, {}))], param.default)
+    validators = {"kernels_odd": field_validator("kernels")(_kernels_are_odd)} if "kernels" in fields else {}
+    return create_model(f"{method}_options", __config__=ConfigDict(extra="forbid"), __validators__=validators,
+                        **fields)
+
+
+class MethodOptionError(ValueError):
+    """One bad method option: `option` names it, `reason` says what is wrong (configs prefix the key)."""
+
+    def __init__(self, method: str, option: str, reason: str, message: str | None = None):
+        super().__init__(message or f"method {method!r}: option {option}: {reason}")
+        self.option, self.reason = option, reason
+
+
+def check_method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` checked against `method`'s signature (names, types, bounds); returns them with sequences as
+    tuples. The first problem is one MethodOptionError line: `method 'mona': option inner_dim: ...`."""
+    valid = method_options(method)
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        names = ", ".join(valid) or "none"
+        raise MethodOptionError(method, bad[0], f"unknown option; valid: {names}",
+                                f"method {method!r} has no option {bad[0]!r}; valid: {names}")
+    try:
+        checked = _options_model(method).model_validate(options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        msg = first["msg"].removeprefix("Value error, ")
+        raise MethodOptionError(method, str(first["loc"][0]), f"{msg} (got {first['input']!r})") from None
+    return {k: getattr(checked, k) for k in options}
+
+
 def parse_method_options(pairs: Iterable[str]) -> dict[str, object]:
     """["lora_fa=true", "rank=4"] -> {"lora_fa": True, "rank": 4}: values parsed as YAML (safe_load), as in configs."""
     import yaml
@@ -64,7 +117,11 @@ def parse_method_options(pairs: Iterable[str]) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"method options are key=value, got {pair!r}")
-        options[key] = yaml.safe_load(value)
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem", None) or type(err).__name__
+            raise ValueError(f"method option {key}: {value!r} is not valid YAML ({mark})") from None
     return options
 
 
@@ -76,10 +133,7 @@ def apply_method(model: nn.Module, method: str, swin_arithmetic: str | None = No
     `swin_arithmetic` is given. Unknown methods and options are errors that list the valid ones.
     """
     fn = METHODS.get(method)
-    valid = method_options(method)
-    bad = sorted(set(options) - set(valid))
-    if bad:
-        raise ValueError(f"method {method!r} has no option {bad[0]!r}; valid: {', '.join(valid) or 'none'}")
+    options = check_method_options(method, options)
     trunk = getattr(model, "trunk", model)
     family(trunk)  # fail early, naming what is supported
     if getattr(model, "method", None) is not None:
@@ -101,7 +155,9 @@ __all__ = [
     "LowRankLinear",
     "Mona",
     "MonaOp",
+    "MethodOptionError",
     "apply_method",
+    "check_method_options",
     "count_parameters",
     "load_adapter",
     "method_options",

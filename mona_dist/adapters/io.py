@@ -2,7 +2,8 @@
 
 An adapter file is a safetensors file holding every parameter with `requires_grad` (the method's modules, and a
 task's head when saved from a whole model), named as in `state_dict()`, plus string metadata (method, backbone...).
-It loads onto a freshly built model of the same kind; nothing in it can run code.
+It loads onto a freshly built model of the same kind; nothing in it can run code. Loading checks every tensor:
+floating point (int8 or bool weights are a foreign or corrupt file, not something to cast) and finite.
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors adapter file ({err})") from None
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: {name} is {str(t.dtype).removeprefix('torch.')}, not a floating-point weight "
+                             f"(a foreign or corrupt adapter file)")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{path}: {name} holds {bad} non-finite value(s) (NaN/inf); the run that saved it "
+                             f"diverged, or the file is corrupt")
     method = f" {metadata['method']!r}" if metadata.get("method") else ""
     copy_trainable(model, tensors, str(path), hint=f"; was it saved from the same backbone and method{method}?")
     return metadata

@@ -39,6 +39,14 @@ def bench(args: argparse.Namespace) -> int:
     from .report import write_outputs
     from .runner import BenchSpec, run_bench
 
+    from ..adapters import METHODS, check_method_options
+    from .runner import parse_method
+
+    for label in filter(None, args.methods.split(",")):  # every method's options, before anything is built
+        method, options = parse_method(label)
+        METHODS.get(method)
+        options.pop("swin_arithmetic", None)  # a backbone option, checked by build_backbone
+        check_method_options(method, options)
     device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")

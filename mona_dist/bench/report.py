@@ -54,7 +54,8 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
         f"activation checkpointing {'on' if meta['activation_checkpointing'] else 'off'}, {meta['steps']} timed "
         f"steps per method (interleaved) on {meta['device_name']}. Peak memory: "
         + ("CUDA max allocated, MAX over ranks." if meta["device"] == "cuda"
-           else "exact params + grads + optimizer state + saved activations (peak RSS beside it).")
+           else "exact params + grads + optimizer state + saved activations (beside it, peak RSS: the process's "
+                "peak resident memory over the method's build, warm-up and step, above its RSS before the build).")
         + "\n\n"
     )
     cols = ["method", "trainable", "peak MiB", "x full", "x fixed", "saved act. MiB", "model state MiB/rank",

@@ -4,7 +4,9 @@ Protocol (every method: same backbone, head, inputs, precision and engine):
 1. Memory, method by method, each alone: build, warm up, then one step whose saved activations are counted with
    saved-tensor hooks and whose peak is read from the device (CUDA max allocated since before the method was
    built, MAX over ranks; on CPU the exact accounting params + grads + optimizer state + saved activations, beside
-   peak RSS). The method's engine is then freed, so no earlier engine is resident while the next one is measured.
+   the peak RSS above the process's RSS before the method was built, over its build, warm-up and step). The
+   method's engine is then freed (and on CPU the freed heap handed back to the OS), so no earlier engine is
+   resident while the next one is measured.
 2. Time, interleaved: every method is built again; `steps` rounds each run one full step (forward, backward,
    optimizer) of every method, in an order rotated every round, so drift and noise hit all methods alike. Median
    and p10-p90 spread per method.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import gc
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,6 +153,13 @@ def _free(device: torch.device) -> None:
     gc.collect()  # engines hold reference cycles (hooks, optimizer wrappers)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        import ctypes
+
+        try:  # glibc keeps freed heap mapped; the next method's RSS baseline would include this one's leftovers
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.device, world_size: int) -> dict:
@@ -168,9 +178,10 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
     engine.backward(loss)
     engine.step()
     del loss
-    meter.start()
+    if device.type == "cuda":
+        meter.start()  # the timed step's own peak; on CPU VmHWM keeps running from before the build
     _step(engine, batch)
-    transient = meter.stop()
+    transient = meter.stop()  # CPU: peak RSS since before the build, above the RSS then
     state = model_state_bytes(engine.module, engine.optimizer)
     if device.type == "cuda":
         peak = meter.absolute - before_build  # everything this method allocated, from before it was built

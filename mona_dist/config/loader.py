@@ -105,7 +105,20 @@ def validate(data: dict[str, Any]) -> "Config":
     errors = combination_errors(cfg.engine, cfg.train)
     if errors:
         raise ConfigError(*errors[0])
+    check_method(cfg.model.method, cfg.model.method_options)
     return cfg
+
+
+def check_method(method: str, options: dict[str, Any]) -> None:
+    """`model.method` is a registered method and its options fit its signature (types, bounds): one line each."""
+    from mona_dist.adapters import METHODS, MethodOptionError, check_method_options
+
+    if method not in METHODS.names():
+        raise ConfigError("model.method", f"unknown method {method!r}; valid: {', '.join(METHODS.names())}")
+    try:
+        check_method_options(method, options)
+    except MethodOptionError as err:
+        raise ConfigError(f"model.method_options.{err.option}", err.reason) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> "Config":

@@ -24,6 +24,8 @@ class ModelConfig(Section):
     method: str = "mona"
     method_options: dict[str, Any] = Field(default_factory=dict)
     pretrained: str | None = None
+    # False: weights of another architecture (more blocks, other widths) load where they match (models/pretrained.py)
+    pretrained_strict: bool = True
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     out_indices: list[int] | None = None
     # Swin only: "official" computes what the official Swin/Mona code computes (pad then shift every odd block,
@@ -98,7 +100,7 @@ class EngineConfig(Section):
     grad_clip: float = Field(0.0, ge=0.0)  # 0 disables clipping (DeepSpeed's own default would be 1.0)
     grad_accum: int = Field(1, ge=1)
     activation_checkpointing: bool = False
-    deepspeed_config: str | None = None  # JSON whose keys override the generated DeepSpeed config
+    deepspeed_config: str | None = None  # JSON merged over the generated config; listed keys only (ALLOWED_OVERRIDES)
     # Cost knobs; None picks the default that the engine section of README describes.
     foreach: bool | None = None  # AdamW's multi-tensor kernels; None: on CUDA (hundreds of small adapter tensors)
     bucket_elements: int | None = Field(None, gt=0)  # ZeRO-1/2 reduce/allgather buckets; None: from trainable count

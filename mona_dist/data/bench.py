@@ -19,6 +19,9 @@ from typing import Any, Optional
 
 from .config import PipelineConfig
 
+# Fewer images or seconds than this per side and a rate is mostly start-up and scheduling noise.
+MIN_TIMED_IMAGES, MIN_TIMED_S = 200, 1.0
+
 
 def _count(batch: Any) -> int:
     if isinstance(batch, list):
@@ -56,6 +59,13 @@ def bench_data(shards: str, task: str, *, workers: int = 2, batches: int = 60, b
     pipeline_rate = timings["pipeline"][1] / timings["pipeline"][0]
     decode_rate = timings["decode"][1] / timings["decode"][0]
     n = max(1, workers)
+    least = min(timings["pipeline"][1], timings["decode"][1])
+    shortest = min(timings["pipeline"][0], timings["decode"][0])
+    warning = None
+    if least < MIN_TIMED_IMAGES or shortest < MIN_TIMED_S:
+        warning = (f"only {least} images in {shortest:.2f} s were timed per side (want >= {MIN_TIMED_IMAGES} "
+                   f"images and >= {MIN_TIMED_S:g} s): the rates below are mostly noise; raise --batches or "
+                   f"--batch-size")
     return {
         "task": task,
         "shards": shards,
@@ -69,6 +79,8 @@ def bench_data(shards: str, task: str, *, workers: int = 2, batches: int = 60, b
         "ratio": round(pipeline_rate / decode_rate, 3),
         "device": dev,
         "device_preprocess_images_per_s": round(device_rate, 1),
+        "timed_s": round(shortest, 3),
+        "warning": warning,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def _sharding(p: argparse.ArgumentParser) -> None:
@@ -106,16 +107,11 @@ def write(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from .bench import bench_data
 
-    pipeline = None
-    if args.pipeline:
-        import yaml
-
-        from .config import PipelineConfig
-
-        with open(args.pipeline) as f:
-            pipeline = PipelineConfig.model_validate(yaml.safe_load(f))
+    pipeline = read_pipeline(args.pipeline) if args.pipeline else None
     row = bench_data(args.shards, args.task, workers=args.workers, batches=args.batches, batch_size=args.batch_size,
                      pipeline=pipeline, device=args.device)
+    if row.get("warning"):
+        print(f"mona-dist bench-data: warning: {row['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps(row))
     else:
@@ -124,3 +120,27 @@ def bench(args: argparse.Namespace) -> int:
               f"/worker)  raw decode {row['decode_images_per_s']:.1f} img/s  ratio {row['ratio']:.2f}x")
         print(f"  on the device ({row['device']}): preprocessing {row['device_preprocess_images_per_s']:.1f} img/s")
     return 0
+
+
+def read_pipeline(path: str):
+    """A train PipelineConfig from a YAML file; any problem is one line naming the file (and the key)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .config import PipelineConfig
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise ValueError(f"--pipeline {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ValueError(f"--pipeline {path}: not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
+    try:
+        return PipelineConfig.model_validate(data if data is not None else {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        raise ValueError(f"--pipeline {path}: {key}: {msg}") from None

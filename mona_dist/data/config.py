@@ -149,8 +149,10 @@ class DataConfig(_Strict):
     """Where the shards are and how they stream.
 
     Shard specs accept a brace pattern (`dir/train-{000000..000031}.tar`), a glob (`dir/train-*.tar`), an index file
-    (`dir/train.index.json`), a directory holding exactly one `*.index.json`, or any URL / `pipe:` command
-    webdataset opens (the index is then looked up next to the shards as `<prefix>.index.json`).
+    (`dir/train.index.json`), a directory holding exactly one `*.index.json`, or any URL webdataset opens (the index
+    is then looked up next to the shards as `<prefix>.index.json`). A `pipe:CMD` spec runs CMD in a shell in every
+    loader worker, so a config holding one runs code: it is refused unless `allow_pipe: true`. Pipe specs never get
+    an index (looking for one would run a command in the trainer itself), so their epochs have no known length.
     """
 
     train_shards: str = Field(description="training shards (see class docstring for the accepted forms)")
@@ -167,11 +169,18 @@ class DataConfig(_Strict):
     prefetch_factor: int = Field(2, gt=0, description="batches each worker prepares ahead")
     train_pipeline: Optional[PipelineConfig] = Field(None, description="None = the task's default (config.py)")
     eval_pipeline: Optional[PipelineConfig] = Field(None, description="None = the task's default (config.py)")
+    allow_pipe: bool = Field(False, description="let train_shards/val_shards be `pipe:` shell commands (trusted "
+                             "configs only: they run in the loader workers)")
 
     @model_validator(mode="after")
     def _resampled_needs_length(self) -> "DataConfig":
         if self.resampled and self.epoch_samples is None:
             raise ValueError("data.resampled needs data.epoch_samples (samples per epoch over all ranks)")
+        for key in ("train_shards", "val_shards"):
+            spec = getattr(self, key)
+            if spec and "pipe:" in spec and not self.allow_pipe:
+                raise ValueError(f"data.{key}: a pipe: spec runs a shell command ({spec[:60]!r}); set "
+                                 f"data.allow_pipe: true only if you trust this config")
         return self
 
     def pipeline(self, task: str, split: Literal["train", "val"]) -> PipelineConfig:

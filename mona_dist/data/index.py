@@ -133,10 +133,14 @@ def resolve_shards(spec: str) -> ShardSet:
     if not spec:
         raise ValueError("empty shard spec")
     if _REMOTE.match(spec):
+        piped = "pipe:" in spec
         if spec.endswith(INDEX_SUFFIX):
+            if piped:  # would run the command here, in the trainer; commands run only in the loader workers
+                raise ValueError(f"{spec}: a pipe: index is not read (it would run a command in the trainer); "
+                                 "name the shards instead, or give the index as a file or URL")
             return _from_index(spec, spec)
         urls = wds.shardlists.expand_urls(spec)
-        found = _matching_index(urls, local=False)
+        found = None if piped else _matching_index(urls, local=False)
         return ShardSet(spec, urls, found.pop("_counts") if found else None, found)
 
     path = os.path.expanduser(spec)
@@ -167,4 +171,13 @@ def resolve_shards(spec: str) -> ShardSet:
     found = _matching_index(urls, local=True)
     if found:
         return ShardSet(spec, urls, found.pop("_counts"), found)
-    return ShardSet(spec, urls, [count_tar_samples(u) for u in urls], None)
+    return ShardSet(spec, urls, [_counted(u, spec) for u in urls], None)
+
+
+def _counted(url: str, spec: str) -> int:
+    try:
+        return count_tar_samples(url)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ValueError(f"{spec}: {url} is not a readable tar file ({str(err) or type(err).__name__}); without an "
+                         f"index every shard is counted at start-up: fix or remove it, or write the shards with "
+                         f"`mona-dist shards` (an index lets the loader skip a broken shard)") from None

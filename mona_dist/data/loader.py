@@ -6,13 +6,22 @@ themselves and send every batch with (logical worker, raw samples consumed so fa
 worker, the raw position of the last batch it *yielded*, plus which worker comes next in torch's round-robin.
 `load_state_dict` re-creates the stream: worker w skips its first `raw[w]` raw samples without decoding them, and
 workers are rotated so the round-robin starts at the next worker. The remaining batches are then identical, in
-order and content, to an uninterrupted run (tests/data/test_loader.py checks this).
+order and content, to an uninterrupted run (tests/data/test_loader.py checks this). On another layout (world
+size, workers, micro-batch) `data/relayout.py` finishes the interrupted epoch from these states.
+
+Signals. SLURM, torchrun and the deepspeed launcher signal a job's whole process group, workers included. torch's
+worker handler exits on a SIGTERM from anyone but the worker's parent (and SIGUSR1's default action ends a
+process), so a group signal used to kill the workers before the trainer could save. Workers ignore both: the
+trainer saves at the next step boundary and exits; the workers end with it (torch's watchdog, and on Linux the
+kernel's parent-death signal).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import signal
+import sys
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -45,6 +54,7 @@ class StreamSpec:
     equal_eval_batches: bool = False  # val: pad every rank to the same batch count (plan.py)
     rotation: int = 0  # physical worker i plays logical worker (i + rotation) % num_workers
     resume: tuple[tuple[int, int], ...] = ()  # per logical worker: (raw consumed, emitted) so far
+    records: bool = False  # send each batch's records uncollated (relayout.py regroups them)
 
     def plan(self, worker: int) -> WorkerPlan:
         return worker_plan(
@@ -150,6 +160,8 @@ class _WorkerStream(IterableDataset):
         yield meta(), None
 
     def _batch(self, records: list, in_main: bool, pool: Optional[BlockPool], pad: bool = False) -> Any:
+        if self.spec.records:
+            return list(records)
         batch = self.collate_fn(records)
         if pad:
             batch["pad"] = True  # run through the model like any batch, never scored (`is_padding`)
@@ -175,6 +187,19 @@ def _identity(x):
     return x
 
 
+def _worker_init(_: int) -> None:
+    """In each DataLoader worker: outlive a group SIGTERM/SIGUSR1 (see the module docstring), die with the trainer."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:  # PR_SET_PDEATHSIG = 1: SIGKILL us when the trainer (our parent) dies, even by SIGKILL
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # torch's watchdog still ends the worker within seconds of its parent
+
+
 class ShardLoader:
     """Iterable over batches of one split for one rank. Construct with `mona_dist.data.build_loader`.
 
@@ -183,13 +208,19 @@ class ShardLoader:
     - Iterating again after a `break` continues with the next unseen batch.
     - `skipped` counts corrupt samples + unreadable shards so far (`skip_counts` splits them).
     - `len(loader)`: batches per epoch for this rank (exact for training; eval: before corrupt samples).
+    - `set_step_batches(n)`: the trainer's micro-batches per optimizer step; an epoch then ends after a whole
+      number of steps, the same on every rank (at most n - 1 batches of the epoch's end are dropped, as
+      `drop_last` drops a partial batch), so epochs and steps stay aligned and ranks never disagree on them.
     """
 
     def __init__(self, shards: ShardSet, sample_fn: Callable, collate_fn: Callable, *, train: bool, rank: int,
                  world_size: int, seed: int, batch_size: int, workers: int, shuffle_buffer: int = 0,
                  resampled: bool = False, epoch_samples: Optional[int] = None, drop_last: bool = False,
-                 pin_memory: bool = False, prefetch_factor: int = 2, equal_eval_batches: bool = False):
+                 pin_memory: bool = False, prefetch_factor: int = 2, equal_eval_batches: bool = False,
+                 records: bool = False):
         self.shards, self.sample_fn, self.collate_fn = shards, sample_fn, collate_fn
+        self.records = records  # yield lists of uncollated records (relayout.py)
+        self.step_batches = 1
         self.train, self.rank, self.world_size, self.seed = train, rank, world_size, seed
         self.batch_size, self.workers = batch_size, workers
         self.shuffle_buffer, self.resampled, self.epoch_samples = shuffle_buffer, resampled, epoch_samples
@@ -227,6 +258,38 @@ class ShardLoader:
     def skipped(self) -> int:
         return sum(self.skip_counts.values())
 
+    def for_layout(self, *, rank: int, world_size: int, workers: int, batch_size: int, records: bool) -> "ShardLoader":
+        """The same data and seed on another layout: another rank's stream, as `relayout.py` replays it."""
+        other = ShardLoader(self.shards, self.sample_fn, self.collate_fn, train=self.train, rank=rank,
+                            world_size=world_size, seed=self.seed, batch_size=batch_size, workers=workers,
+                            shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
+                            epoch_samples=self.epoch_samples, drop_last=self.drop_last,
+                            pin_memory=self.pin_memory and not records, prefetch_factor=self.prefetch_factor,
+                            equal_eval_batches=self.equal_eval_batches, records=records)
+        other.step_batches = self.step_batches
+        return other
+
+    def set_step_batches(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"batches per step must be >= 1, got {n}")
+        self.step_batches = n
+
+    def _planned(self, rank: int) -> Optional[int]:
+        """Batches `rank` would yield this epoch without the step rounding (None: counts unknown)."""
+        spec = replace(self._spec(), rank=rank)
+        counts = [planned_batches(spec.plan(w), self.batch_size, self.drop_last) for w in range(self.num_workers)]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    def epoch_batches(self) -> Optional[int]:
+        """Batches per epoch for this rank: whole steps, the same number on every rank (None: counts unknown)."""
+        mine = self._planned(self.rank)
+        if mine is None or not self.train:
+            return mine
+        # Balanced (drop_last) and resampled epochs give every rank the same count by construction.
+        equal = self.resampled or self.drop_last or self.world_size == 1
+        fewest = mine if equal else min(self._planned(r) for r in range(self.world_size))
+        return fewest - fewest % self.step_batches
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch = epoch
@@ -240,25 +303,26 @@ class ShardLoader:
         )
 
     def __len__(self) -> int:
-        spec = self._spec()
-        counts = [planned_batches(spec.plan(w), self.batch_size, self.drop_last) for w in range(self.num_workers)]
-        if any(c is None for c in counts):
+        n = self.epoch_batches()
+        if n is None:
             raise TypeError("epoch length unknown: these shards have no index with sample counts")
-        return sum(counts)
+        return n
 
     def __iter__(self) -> Iterator[Any]:
         self._fold_skips()
         # blocks per worker: the batches prefetched, the one being received, the one the caller's loop variable
         # still holds and the one before it (handed back at the next receive); see transfer.py
-        ledger = BlockLedger(self.num_workers, self.prefetch_factor + 3) if self.workers > 0 else None
+        ledger = BlockLedger(self.num_workers, self.prefetch_factor + 3) if self.workers > 0 and not self.records \
+            else None
+        limit = self.epoch_batches() if self.train else None  # whole steps, equal on every rank
         stream = _WorkerStream(self._spec(), self.sample_fn, self.collate_fn, ledger and ledger.flags)
-        extra = {"prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
+        extra = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": _worker_init} if self.workers > 0 else {}
         # Our own generator: without one, every new DataLoader iterator draws its base seed from the *global* torch
         # RNG, so the trainer's random stream (dropout, drop-path) would depend on when loaders are (re)created, and a
         # resumed run would no longer match an uninterrupted one. Worker streams are seeded by the plan, not by this.
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers, collate_fn=_identity,
                             pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0), **extra)
-        for (worker, raw, emitted, skip_samples, skip_shards), batch in loader:
+        for (worker, raw, emitted, skip_samples, skip_shards), batch in loader if limit != self.position else ():
             self._skips_now[worker] = (skip_samples, skip_shards)
             if batch is None:
                 continue
@@ -267,7 +331,9 @@ class ShardLoader:
             self.position += 1
             if ledger is not None:
                 ledger.receive(batch)
-            yield unpack(batch)
+            yield batch if self.records else unpack(batch)
+            if self.position == limit:
+                break  # the epoch ends on a step boundary (set_step_batches)
         self._fold_skips()
         self.epoch += 1
         self._reset_position()
@@ -278,7 +344,8 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "resume": [list(r) for r in self._resume],
-                "next_worker": self._next_worker, "layout": self._layout(), "skipped": self.skip_counts}
+                "next_worker": self._next_worker, "layout": self._layout(), "skipped": self.skip_counts,
+                "step_batches": self.step_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])

@@ -2,7 +2,8 @@
 
 The loop only ever calls: `engine(batch)` (forward under the engine's precision), `engine.accumulating(last)`,
 `engine.backward(loss)`, `engine.step()` / `engine.discard_step()`, `engine.set_lr(lr)`, `engine.save(dir)` /
-`engine.load(dir)`, `engine.exported()` (full trainable weights, gathered under ZeRO-3) and
+`engine.load(dir)` (`engine.load_resharded(dir, world_size)` for a checkpoint of another world size, where the
+engine declares `reshards`), `engine.exported()` (full trainable weights, gathered under ZeRO-3) and
 `engine.trainable_weights()` (what an adapter file holds: the fp32 master weights where the engine keeps them).
 `engine.model` is the plain model the task built; `engine.module` is what runs the forward (a DDP/ShardedDDP/
 DeepSpeed wrapper or the model itself).
@@ -64,6 +65,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class Engine(ABC):
     name: str = "engine"
+    # True when `load_resharded` can read a checkpoint written on another world size (module docstring of
+    # mona_dist/train/checkpoint.py); the generic checkpoint code asks nothing else of an engine about it.
+    reshards: bool = False
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
@@ -134,6 +138,14 @@ class Engine(ABC):
     @abstractmethod
     def load(self, directory: Path) -> None:
         """Collective: restore what `save` wrote (weights_only loads; clear error on foreign/truncated files)."""
+
+    def load_resharded(self, directory: Path, world_size: int) -> None:
+        """Collective: restore what `save` wrote on `world_size` ranks into this engine on another world size.
+        Engines whose `save` keeps whole (unsharded) states set `reshards` and need nothing more than `load`."""
+        if not self.reshards:
+            raise ValueError(f"checkpoint {directory} was written by {world_size} ranks; the {self.name} engine "
+                             f"cannot load it on another world size")
+        self.load(directory)
 
     @contextlib.contextmanager
     def exported(self) -> Iterator[nn.Module]:

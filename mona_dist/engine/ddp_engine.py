@@ -1,6 +1,7 @@
 """Plain torch: DistributedDataParallel across ranks, the bare model in a single process.
 
-State goes to one `engine.pt` written by rank 0: trainable weights, AdamW state and the fp16 grad scaler.
+State goes to one `engine.pt` written by rank 0: trainable weights, AdamW state and the fp16 grad scaler. The
+state is whole, so it loads on any world size (`reshards`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def _world() -> tuple[int, int]:
 
 class TorchEngine(Engine):
     """Shared by the ddp and fairscale engines: torch optimizer, autocast, optional fp16 grad scaler."""
+
+    reshards = True  # engine.pt holds whole states (fairscale consolidates OSS's shards before saving)
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, device: torch.device):
         super().__init__(model.to(device), cfg, device)

@@ -1,9 +1,13 @@
 """DeepSpeed: ZeRO stages 0-3, bf16/fp16, optimizer and parameter offload, from our typed config.
 
 The DeepSpeed JSON is generated from `EngineConfig`; `engine.deepspeed_config` may name a JSON file whose keys are
-deep-merged over it (an escape hatch for knobs we do not model). `gradient_clipping` is always written: DeepSpeed
->= 0.19.3 would otherwise clip at 1.0. Checkpoints use DeepSpeed's own sharded format (`<dir>/engine/`), without the
-frozen weights, and are read back through `SafeCheckpointEngine` (weights_only).
+deep-merged over it, restricted to the keys in `ALLOWED_OVERRIDES` (DeepSpeed imports modules that some of its
+keys name, and writes files where others point). `gradient_clipping` is always written: DeepSpeed >= 0.19.3 would
+otherwise clip at 1.0. Checkpoints use DeepSpeed's own sharded format (`<dir>/engine/`), without the frozen weights,
+read back through `SafeCheckpointEngine` (weights_only). Where that format is sharded by rank (ZeRO 1-3, DeepSpeed's
+bf16 optimizer), rank 0 also writes `trainable_state.pt`: the whole fp32 master weights and Adam moments of the
+trainable parameters, gathered through DeepSpeed's `safe_get_full_*` API (PETL state is small). A resume on another
+world size loads that (`load_resharded`); the same world size loads DeepSpeed's own shards (bitwise).
 """
 
 from __future__ import annotations
@@ -28,6 +32,61 @@ from mona_dist.engine.precision import match_engine_dtype
 from mona_dist.serialization import safe_torch_load
 
 TAG = "engine"
+GATHERED = "trainable_state.pt"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_SCALER = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+# engine.deepspeed_config may set these and nothing else: each is a number, a bool or a dtype name that changes
+# how DeepSpeed communicates or scales losses. What we derive (stage, batch sizes, precision switch, offload,
+# clipping) has its own engine.* key; what imports code (torch_autocast's module names), writes files elsewhere
+# (monitors, profilers, NVMe offload paths) or changes what is trained (optimizer, scheduler) is refused.
+ALLOWED_OVERRIDES: dict[str, set[str] | None] = {
+    "zero_optimization": {
+        "reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients", "reduce_scatter",
+        "allgather_partitions", "round_robin_gradients", "sub_group_size", "stage3_param_persistence_threshold",
+        "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
+        "stage3_model_persistence_threshold", "zero_hpz_partition_size", "use_multi_rank_bucket_allreduce",
+        "zero_quantized_weights", "zero_quantized_gradients", "elastic_checkpoint",
+    },
+    "fp16": {"enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+             "consecutive_hysteresis", "min_loss_scale"},
+    "bf16": {"enabled", "immediate_grad_update"},
+    "communication_data_type": None, "prescale_gradients": None, "gradient_predivide_factor": None,
+    "steps_per_print": None, "wall_clock_breakdown": None, "memory_breakdown": None,
+}
+_DERIVED = {"train_batch_size": "train.global_batch / data.batch_size", "train_micro_batch_size_per_gpu":
+            "data.batch_size", "gradient_accumulation_steps": "train.global_batch", "gradient_clipping":
+            "engine.grad_clip", "zero_optimization.stage": "engine.zero_stage", "zero_optimization.offload_optimizer":
+            "engine.offload_optimizer", "zero_optimization.offload_param": "engine.offload_params"}
+
+
+def check_override(override: dict[str, Any], path: Path) -> None:
+    """One ConfigError line for the first key of a user's DeepSpeed JSON that is not in ALLOWED_OVERRIDES."""
+    for key, value in override.items():
+        if key not in ALLOWED_OVERRIDES:
+            _refuse(key, path)
+        allowed = ALLOWED_OVERRIDES[key]
+        if allowed is None:
+            _check_leaf(key, value, path)
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError("engine.deepspeed_config", f"{path}: {key} must be a JSON object")
+        for sub, leaf in value.items():
+            if sub not in allowed:
+                _refuse(f"{key}.{sub}", path)
+            _check_leaf(f"{key}.{sub}", leaf, path)
+
+
+def _check_leaf(key: str, value: Any, path: Path) -> None:
+    if not isinstance(value, (bool, int, float, str)):
+        raise ConfigError("engine.deepspeed_config", f"{path}: {key} must be a number, a bool or a string")
+
+
+def _refuse(key: str, path: Path) -> None:
+    hint = f"set {_DERIVED[key]} instead" if key in _DERIVED else "not among the keys mona-dist passes on " \
+        "(README: DeepSpeed JSON overrides)"
+    raise ConfigError("engine.deepspeed_config", f"{path}: {key} is not accepted: {hint}")
 
 
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's own ZeRO-1/2 reduce/allgather bucket, in elements
@@ -85,6 +144,7 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int, 
             raise ConfigError("engine.deepspeed_config", f"{path} is not valid JSON (line {err.lineno})") from None
         if not isinstance(override, dict):
             raise ConfigError("engine.deepspeed_config", f"{path} must hold a JSON object")
+        check_override(override, path)
         ds = deep_merge(ds, override)
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise ConfigError("engine.deepspeed_config", "enables both fp16 and bf16; pick one (engine.precision)")
@@ -124,6 +184,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    reshards = True  # through the gathered trainable state (module docstring)
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, device: torch.device,
                  micro_batch_size: int, world_size: int):
@@ -175,6 +236,94 @@ class DeepSpeedEngine(Engine):
 
     def save(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+        if self._sharded():
+            state = self._full_state()  # collective
+            if torch.distributed.get_rank() == 0:
+                torch.save(state, Path(directory) / GATHERED)
+
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {clean_name(n): p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _sharded(self) -> bool:
+        """Whether DeepSpeed's own state is cut by rank: ZeRO 1-3 and its bf16 optimizer map each parameter to
+        partitions (`_hp_mapping`, ZeRO-3's `ds_id`); ZeRO-0's fp32/fp16/bf16 wrappers keep whole states."""
+        return any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in self._trainable().values())
+
+    def _full_state(self) -> dict[str, Any]:
+        """Collective: fp32 masters and Adam moments of every trainable parameter, whole, on the CPU."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        base = self.ds.optimizer.optimizer
+        moments = bool(base.state)  # empty before the first step, on every rank alike
+        out: dict[str, Any] = {"weights": {}, **{k: {} for k in MOMENTS}}
+        for name, p in self._trainable().items():  # the same order on every rank: each call is collective
+            out["weights"][name] = safe_get_full_fp32_param(p).float().cpu()
+            for key in MOMENTS if moments else ():
+                out[key][name] = safe_get_full_optimizer_state(p, key).float().cpu()
+        step = next(iter(base.state.values()), {}).get("step", 0)
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        out["step"] = int(step.item() if torch.is_tensor(step) else step)
+        out["loss_scaler"] = {k: float(getattr(scaler, k)) for k in _SCALER if hasattr(scaler, k)} if scaler else {}
+        out["counters"] = {k: int(getattr(self.ds, k, 0)) for k in _COUNTERS}
+        return out
+
+    def load_resharded(self, directory: Path, world_size: int) -> None:
+        if not self._sharded():
+            self.load(directory)  # ZeRO-0: DeepSpeed's state is whole (mp_rank_00), any world size reads it
+            return
+        path = Path(directory) / GATHERED
+        if not path.is_file():
+            raise ValueError(f"checkpoint {directory} has no {GATHERED} (written before mona-dist saved it), so it "
+                             f"loads only on the {world_size} ranks that wrote it")
+        state = safe_torch_load(path)
+        if not isinstance(state, dict) or not {"weights", "step", *MOMENTS} <= state.keys():
+            raise ValueError(f"{path} is not a mona-dist gathered DeepSpeed state")
+        self._load_full_state(state, str(path))
+
+    def _load_full_state(self, state: dict[str, Any], source: str) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        params = self._trainable()
+        if set(state["weights"]) != set(params):
+            odd = sorted(set(state["weights"]) ^ set(params))
+            raise ValueError(f"{source} does not fit this model ({len(odd)} names differ, e.g. {odd[0]})")
+        opt = self.ds.optimizer
+        if state["exp_avg"]:
+            self._create_moments(opt, state["step"])
+        with torch.no_grad():
+            for name, p in params.items():
+                safe_set_full_fp32_param(p, state["weights"][name].to(self.device))
+                for key in MOMENTS if state["exp_avg"] else ():
+                    safe_set_full_optimizer_state(p, state[key][name].to(self.device), key)
+            # the forward's copies (bf16/fp16 or fp32 partitions) follow the masters
+            gather = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0) \
+                if self.cfg.zero_stage == 3 else contextlib.nullcontext()
+            with gather:
+                if self.cfg.zero_stage != 3 or torch.distributed.get_rank() == 0:
+                    for name, p in params.items():
+                        p.data.copy_(state["weights"][name].to(p.device, p.dtype))
+        scaler = getattr(opt, "loss_scaler", None)
+        for key, value in state.get("loss_scaler", {}).items():
+            if scaler is not None and hasattr(scaler, key):
+                setattr(scaler, key, type(getattr(scaler, key))(value))
+        for key, value in state.get("counters", {}).items():
+            setattr(self.ds, key, value)
+
+    def _create_moments(self, opt: Any, step: int) -> None:
+        """Adam's state as the first step would create it (DeepSpeed creates it lazily), with the saved step
+        count, linked to the parameters' partitions so that `safe_set_full_optimizer_state` can fill it."""
+        base = opt.optimizer
+        flats = list(getattr(opt, "fp32_partitioned_groups_flat", None) or
+                     [g["params"][0] for g in base.param_groups if g["params"]])
+        count: Any = step if type(base).__name__ == "DeepSpeedCPUAdam" else torch.tensor(float(step))
+        for flat in flats:
+            if not base.state.get(flat):
+                base.state[flat] = {"step": count, **{k: torch.zeros_like(flat) for k in MOMENTS}}
+        for p in self._trainable().values():
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:  # ZeRO 1-2 / bf16 optimizer; ZeRO-3 reads base.state directly
+                flat = flats[mapping.param_group_index]
+                mapping.set_optim_state_fragment(flat, base.state[flat])
 
     def load(self, directory: Path) -> None:
         if not (Path(directory) / TAG).is_dir():

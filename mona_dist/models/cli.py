@@ -26,11 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def params(args: argparse.Namespace) -> int:
     import torch
 
-    from ..adapters import parse_method_options
+    from ..adapters import METHODS, check_method_options, parse_method_options
     from . import build_backbone, count_parameters
 
+    METHODS.get(args.method)  # unknown: one line listing the valid ones
+    options = check_method_options(args.method, parse_method_options(args.option))  # types and bounds, one line
     with torch.device("meta"):  # shapes are all a count needs: Swin-L in a fraction of a second
-        bb = build_backbone(args.backbone, args.method, **parse_method_options(args.option))
+        bb = build_backbone(args.backbone, args.method, **options)
     total, trainable = count_parameters(bb)
     row = {
         "backbone": args.backbone,

@@ -12,11 +12,18 @@ Accepted (detected from the keys, never from the file name):
 - `.safetensors` or torch files; torch files load with `weights_only=True`, so a checkpoint cannot run code.
 
 The official Mona code silently loads nothing when the names do not match. Here missing and unexpected keys are
-reported, and fewer than 90 % of the trunk's tensors loaded is an error.
+reported, fewer than 90 % of the trunk's tensors loaded is an error, and so are the weights of another architecture
+(tensors of blocks or stages this trunk does not have, e.g. Swin-S into Swin-T, or trunk tensors of other shapes)
+unless `strict=False` (`model.pretrained_strict: false`): then the matching part loads.
+
+Reports: `load_pretrained` warns through `logging` about missing/unexpected keys. Inside `loading_policy(...)` (the
+trainer wraps the task's model build in it) reports are collected instead, and the trainer prints them on rank 0.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
 from dataclasses import dataclass, field
@@ -44,6 +51,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     method_loaded: int = 0
+    architecture: list[str] = field(default_factory=list)  # tensors of blocks/stages the trunk lacks, or reshaped
 
     @property
     def fraction(self) -> float:
@@ -56,6 +64,42 @@ class LoadReport:
             f"{len(self.mismatched)} shape-mismatched"
         )
 
+    def details(self) -> str:
+        """The summary plus the first names of each list, for the run's log."""
+        parts = [self.summary()]
+        for what, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                           ("shape-mismatched", self.mismatched)):
+            if keys:
+                more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+                parts.append(f"{what}: {', '.join(keys[:4])}{more}")
+        return "; ".join(parts)
+
+
+_POLICY: contextvars.ContextVar[tuple[bool, list] | None] = contextvars.ContextVar("pretrained_policy", default=None)
+
+
+@contextlib.contextmanager
+def loading_policy(strict: bool = True):
+    """Within it, `load_pretrained` calls default to `strict` and append (path, LoadReport) to the yielded list
+    instead of logging; the trainer sets it around the task's model build (`model.pretrained_strict`)."""
+    reports: list[tuple[str, LoadReport]] = []
+    token = _POLICY.set((strict, reports))
+    try:
+        yield reports
+    finally:
+        _POLICY.reset(token)
+
+
+_INDEX = re.compile(r"\.\d+\.")
+
+
+def architecture_keys(unexpected: list[str], mismatched: list[str], trunk_keys: list[str]) -> list[str]:
+    """File tensors that say "another architecture": trunk tensors of a block or stage index this trunk lacks
+    (their name, indices aside, is one of the trunk's), and trunk tensors of another shape."""
+    templates = {_INDEX.sub(".#.", f"trunk.{k}") for k in trunk_keys}
+    extra = [k for k in unexpected if k.startswith("trunk.") and _INDEX.sub(".#.", k) in templates]
+    return extra + [k for k in mismatched if k.startswith("trunk.")]
+
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The flat tensor dict inside a local checkpoint file."""
@@ -65,7 +109,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         sd = load_file(str(path)) if path.suffix == ".safetensors" else safe_torch_load(path)
     except (ValueError, SafetensorError, OSError) as err:  # truncated, foreign or code-carrying files
-        raise ValueError(f"{path} is not a readable checkpoint ({str(err)[:160]})") from None
+        why = str(err).removeprefix(f"checkpoint {path} ")
+        raise ValueError(f"model.pretrained: {path} is not a readable checkpoint ({why})") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -125,8 +170,11 @@ def _resize_to(sd: dict[str, torch.Tensor], bb) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_pretrained(bb, path: str | Path) -> LoadReport:
-    """Load `path` into backbone `bb` (method already applied); raise if under 90 % of the trunk loaded."""
+def load_pretrained(bb, path: str | Path, strict: bool | None = None) -> LoadReport:
+    """Load `path` into backbone `bb` (method already applied); raise if under 90 % of the trunk loaded, or (with
+    `strict`, the default) if the file holds another architecture (module docstring)."""
+    policy = _POLICY.get()
+    strict = strict if strict is not None else (policy[0] if policy is not None else True)
     sd = to_backbone_names(read_checkpoint(path), bb)
     own = bb.state_dict()
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
@@ -140,14 +188,26 @@ def load_pretrained(bb, path: str | Path) -> LoadReport:
         method_loaded=len({k for k in usable if not k.startswith(("trunk.", "out_norms."))}
                           | {k for k in usable if k.startswith("trunk.") and k not in trunk_expected}),
     )
+    report.architecture = architecture_keys(report.unexpected, report.mismatched, bb.trunk_keys)
     if report.fraction < MIN_LOADED_FRACTION:
         example = (report.unexpected or report.mismatched or ["<none>"])[0]
         raise ValueError(
             f"{path}: only {report.loaded}/{report.expected} backbone tensors match {bb.name} "
             f"({report.fraction:.0%} < 90%); first unmatched key in the file: {example}"
         )
+    if strict and report.architecture:
+        raise ValueError(
+            f"model.pretrained: {path} holds another architecture than {bb.name}: {len(report.architecture)} trunk "
+            f"tensors of blocks or stages it lacks or of other shapes (e.g. {report.architecture[0]}); set "
+            f"model.pretrained_strict: false to load the part that matches"
+        )
     bb.load_state_dict(usable, strict=False)
     if bb.highway is not None and bb.highway.merges is not None and not any(k.startswith("highway.merges.") for k in usable):
         bb.highway.copy_merges_from(bb.trunk)  # the highway's merges start as copies of the loaded ones
-    log.info("%s: %s", path, report.summary())
+    if policy is not None:
+        policy[1].append((str(path), report))
+    elif report.missing or report.unexpected or report.mismatched:
+        log.warning("%s: %s", path, report.details())
+    else:
+        log.info("%s: %s", path, report.summary())
     return report

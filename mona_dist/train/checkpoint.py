@@ -9,7 +9,19 @@
         latest -> step-000020   a symlink, replaced atomically (rename) only after the step directory is complete
 
 A SIGKILL during a save leaves at most a `.partial` directory, which the next save removes; `latest` always points
-at a complete checkpoint. Every file is read back with weights_only=True (see mona_dist/serialization.py).
+at a complete checkpoint (one with meta.json). Every file is read back with weights_only=True
+(mona_dist/serialization.py).
+
+Resume (`--resume latest|auto|PATH`): `latest` that points nowhere (deleted, pruned by hand) falls back to the
+newest complete checkpoint, and the log says so; a checkpoint that fails to load names the newest older complete
+one. Rank 0 checks every file of the checkpoint before any rank loads (a truncated shard read by one rank alone
+would leave the others waiting in a collective).
+
+World size. meta.json records the world size that wrote the checkpoint. On the same world size each engine loads
+its own format (bitwise resume on CPU). On another one, an engine that declares `reshards` loads it through
+`Engine.load_resharded` (ddp and fairscale keep whole states; DeepSpeed loads the gathered trainable state saved
+beside its shards); RNG states come from the rank files of the ranks that exist in both runs (new ranks reseed from
+train.seed, rank and step); the data position follows `mona_dist/data/relayout.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +29,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +44,8 @@ import torch.distributed as tdist
 from mona_dist.adapters import save_adapter
 from mona_dist.distributed import DistState, barrier
 from mona_dist.engine import Engine
+from mona_dist.data.plan import mix_seed
+from mona_dist.data.relayout import resume_stream
 from mona_dist.serialization import safe_torch_load
 
 FORMAT = "mona-dist-checkpoint/1"
@@ -128,24 +146,22 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-# -- resume --------------------------------------------------------------------------------------------------------
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """`latest`: must exist; `auto`: latest if there is one; a path: a step directory or a checkpoints directory."""
-    if resume is None:
+def set_aside_newer(root: Path, step: int) -> Path | None:
+    """Resuming from an older checkpoint of this run: the newer ones belong to the abandoned continuation. They go
+    to `root/abandoned-<time>/` (kept, never deleted), so the resumed run's saves and pruning never meet them."""
+    newer = [p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and int(p.name[5:]) > step]
+    newer += list(root.glob(".step-*.partial"))
+    if not newer:
         return None
-    latest = checkpoint_root(output_dir) / LATEST
-    if resume in ("latest", "auto"):
-        if latest.exists():
-            return latest.resolve()
-        if resume == "auto":
-            return None
-        raise FileNotFoundError(f"--resume latest: no checkpoint at {latest}")
-    path = Path(resume)
-    if (path / LATEST).exists():
-        return (path / LATEST).resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
-    return path.resolve()
+    aside = root / time.strftime("abandoned-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    for p in newer:
+        os.replace(p, aside / p.name.lstrip("."))
+    return aside
+
+
+# -- finding checkpoints ---------------------------------------------------------------------------------------
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -153,20 +169,124 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads((path / "meta.json").read_text())
     except FileNotFoundError:
         raise ValueError(f"{path} is not a complete mona-dist checkpoint (meta.json missing)") from None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{path}/meta.json is corrupt") from None
+    except OSError as err:
+        raise ValueError(f"{path}/meta.json cannot be read ({err.strerror})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a mona-dist checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     return meta
 
 
-def load_checkpoint(path: Path, engine: Engine, dist: DistState, expect: dict[str, Any]) -> dict[str, Any]:
-    """Collective. Restores the engine; returns this rank's trainer state (step, rng, loader, counters).
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The step directories under `root` whose meta.json reads, oldest first."""
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else ():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            try:
+                read_meta(p)
+            except ValueError:
+                continue
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
 
-    `expect` lists meta.json values this run must match (engine, ZeRO stage, task, frozen-weight fingerprint)."""
+
+def older_complete(path: Path) -> Path | None:
+    """The newest complete checkpoint beside `path` with a smaller step (what to try when `path` is corrupt)."""
+    m = _STEP_DIR.match(path.name)
+    step = int(m.group(1)) if m else None
+    older = [p for p in complete_checkpoints(path.parent) if step is None or int(p.name[5:]) < step]
+    return older[-1] if older else None
+
+
+def _from_root(root: Path, asked: str) -> tuple[Path | None, str | None]:
+    """`root/latest` if it names a complete checkpoint, else the newest complete one (and a note saying so)."""
+    latest = root / LATEST
+    if latest.exists():
+        try:
+            read_meta(latest.resolve())
+            return latest.resolve(), None
+        except ValueError:
+            pass
+    complete = complete_checkpoints(root)
+    if not complete:
+        return None, None
+    if latest.is_symlink() or latest.exists():
+        state = "points at a missing directory" if not latest.exists() else "points at an incomplete checkpoint"
+        return complete[-1], (f"--resume {asked}: {latest} {state} ({os.readlink(latest) if latest.is_symlink() else '?'}); "
+                              f"resuming from the newest complete checkpoint {complete[-1].name}")
+    return complete[-1], f"--resume {asked}: no {latest}; resuming from the newest complete checkpoint {complete[-1].name}"
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> tuple[Path | None, str | None]:
+    """(checkpoint to load or None, a note for the log). `latest`: must find one; `auto`: fresh when there is none;
+    PATH: a step directory, a checkpoints/ directory or an output_dir (its checkpoints/)."""
+    if resume is None:
+        return None, None
+    if resume in ("latest", "auto"):
+        root = checkpoint_root(output_dir)
+        found, note = _from_root(root, resume)
+        if found is None and resume == "latest":
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {root} (--resume auto starts "
+                                    f"fresh when there is none)")
+        return found, note
+    path = Path(resume)
+    if path.is_file():
+        raise ValueError(f"--resume {resume}: is a file; give a checkpoint directory (<output_dir>/checkpoints/"
+                         f"step-N), a checkpoints directory or an output_dir")
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+    if (path / "meta.json").exists():
+        return path.resolve(), None
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_symlink() or complete_checkpoints(root):
+            found, note = _from_root(root, resume)
+            if found is not None:
+                return found, note
+    raise ValueError(f"--resume {resume}: not a checkpoint directory (no meta.json, and no complete checkpoint in it)")
+
+
+# -- loading -----------------------------------------------------------------------------------------------------
+def verify_files(path: Path, world_size: int) -> None:
+    """Rank 0, before anyone loads: every rank file is there and every torch file passes its zip CRCs."""
+    missing = [f"rank-{r:05d}.pt" for r in range(world_size) if not (path / f"rank-{r:05d}.pt").is_file()]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing[0]} (written by {world_size} ranks)")
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".pt", ".pth")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            bad = f.name
+        if bad is not None:
+            raise ValueError(f"checkpoint {path}: {f.relative_to(path)} is truncated or not a torch file")
+
+
+def _agree(dist: DistState, fn, *args) -> Any:
+    """Run `fn` on rank 0 and hand its result (or its one-line error) to every rank."""
+    box: list[Any] = [None]
+    if dist.is_main:
+        try:
+            box[0] = ("ok", fn(*args))
+        except (ValueError, FileNotFoundError) as err:
+            box[0] = ("error", type(err).__name__, str(err))
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise (FileNotFoundError if box[0][1] == "FileNotFoundError" else ValueError)(box[0][2])
+    return box[0][1]
+
+
+def _trainer_state(path: Path, rank: int) -> dict[str, Any]:
+    state = safe_torch_load(path / f"rank-{rank:05d}.pt")
+    if not isinstance(state, dict) or not {"step", "rng", "loader"} <= state.keys():
+        raise ValueError(f"checkpoint {path}/rank-{rank:05d}.pt is not a mona-dist trainer state")
+    return state
+
+
+def _check_meta(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
     meta = read_meta(path)
-    if meta["world_size"] != dist.world_size:
-        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has {dist.world_size}")
     for key, want in expect.items():
         have = meta.get(key)
         if key == "frozen_fingerprint":
@@ -174,10 +294,78 @@ def load_checkpoint(path: Path, engine: Engine, dist: DistState, expect: dict[st
                 raise ValueError(f"checkpoint {path}: the frozen weights differ from this run's (other pretrained/seed?)")
         elif have != want:
             raise ValueError(f"checkpoint {path} has {key}={have!r}; this run has {want!r}")
-    engine.load(path)
-    state = safe_torch_load(path / f"rank-{dist.rank:05d}.pt")
-    if not isinstance(state, dict) or not {"step", "rng", "loader"} <= state.keys():
-        raise ValueError(f"checkpoint {path}/rank-{dist.rank:05d}.pt is not a mona-dist trainer state")
+    return meta
+
+
+def _prepare(path: Path, expect: dict[str, Any], world_size: int, same_layout: bool) -> tuple[dict, list | None]:
+    meta = _check_meta(path, expect)
+    try:
+        verify_files(path, meta["world_size"])
+        loaders = None if same_layout and meta["world_size"] == world_size else \
+            [_trainer_state(path, r)["loader"] for r in range(meta["world_size"])]
+    except ValueError as err:
+        raise ValueError(_with_fallback(path, str(err))) from None
+    return meta, loaders
+
+
+def _with_fallback(path: Path, message: str) -> str:
+    older = older_complete(path)
+    return message + (f"; the newest older complete checkpoint is {older} (--resume {older})" if older else
+                      "; no older complete checkpoint exists")
+
+
+@dataclass
+class Resumed:
+    step: int
+    counters: dict[str, int]
+    loader: Any  # the loader to train from: the one given, or a relayout.CarryOver
+    notes: list[str]
+
+
+def load_checkpoint(path: Path, engine: Engine, loader: Any, dist: DistState, expect: dict[str, Any],
+                    seed: int = 0) -> Resumed:
+    """Collective. Restores the engine, this rank's RNG and the data position; see the module docstring.
+
+    `expect` lists meta.json values this run must match (engine, ZeRO stage, task, frozen-weight fingerprint)."""
+    same_layout = dist.rank == 0 and _own_layout_matches(path, loader)
+    meta, loader_states = _agree(dist, _prepare, path, expect, dist.world_size, same_layout)
+    old_world, notes = int(meta["world_size"]), []
+    try:
+        if old_world == dist.world_size:
+            engine.load(path)
+        else:
+            engine.load_resharded(path, old_world)
+            notes.append(f"checkpoint {path.name} was written by {old_world} ranks; resumed on {dist.world_size} "
+                         f"({engine.name} resharded)")
+        state = _trainer_state(path, dist.rank) if dist.rank < old_world else None
+    except ValueError as err:
+        raise ValueError(_with_fallback(path, str(err))) from None
+    if state is not None:
+        set_rng_state(state["rng"])
+    else:  # a rank the checkpoint did not have: its own stream of dropout draws from here on
+        seed_all(mix_seed(seed, dist.rank, int(meta["step"]), "resumed-rank"))
+    if loader_states is None:
+        loader.load_state_dict(state["loader"])
+    else:
+        loader, note = resume_stream(loader, loader_states)
+        if note:
+            notes.append(note)
+    counters = state.get("counters", {}) if state is not None else {}  # rank 0 (the one that logs) has a file
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
-    return state
+    return Resumed(int(meta["step"]), counters, loader, notes)
+
+
+def _own_layout_matches(path: Path, loader: Any) -> bool:
+    """Rank 0: rank 0's saved stream was cut like this run's (then every rank resumes its own stream)."""
+    try:
+        saved = _trainer_state(path, 0)["loader"]
+    except ValueError:
+        return False  # _prepare reports the file
+    return "carry" not in saved and saved.get("layout") == loader._layout()
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

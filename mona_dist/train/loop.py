@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,10 +26,11 @@ from mona_dist.distributed import DistState, init_distributed
 from mona_dist.engine import Engine, LRSchedule, build_engine
 from mona_dist.host_sync import host_values, to_host
 from mona_dist.models import count_parameters
+from mona_dist.models.pretrained import loading_policy
 from mona_dist.monitor import Monitor, StepMeter, resolve_grad_norms
 from mona_dist.tasks import TASKS, Task
-from mona_dist.train.checkpoint import (checkpoint_root, frozen_fingerprint, load_checkpoint, resolve_resume,
-                                        save_checkpoint, set_rng_state)
+from mona_dist.train.checkpoint import checkpoint_root, frozen_fingerprint, load_checkpoint, save_checkpoint
+from mona_dist.train.rundir import prepare, trim_metrics
 from mona_dist.train.signals import EX_TEMPFAIL, PreemptionFlag
 
 EX_NONFINITE = 3  # the run stopped on a NaN/inf loss (after saving a checkpoint)
@@ -100,28 +102,39 @@ def evaluate(task: Task, engine: Engine, loader: Any, dist: DistState) -> dict[s
 
 
 def train(cfg: Config, resume: str | None = None) -> int:
-    """Run (or resume) training; returns the process exit code (0, EX_NONFINITE or EX_TEMPFAIL)."""
-    dist = init_distributed()
-    written = cfg  # what the run directory records; the resolved numbers go to the log
-    cfg, batch_plan = resolve_batch(cfg, dist.world_size)  # micro-batch and accumulation from the global batch
-    task = TASKS.get(cfg.task)
-    task.check(cfg)
-    if cfg.engine.name == "deepspeed":  # the merged DeepSpeed JSON is checked before anything is built
-        from mona_dist.engine.deepspeed_engine import deepspeed_config
+    """Run (or resume) training; returns the process exit code (0, EX_NONFINITE or EX_TEMPFAIL).
 
-        deepspeed_config(cfg.engine, cfg.data.batch_size, dist.world_size)
-    join_group(dist, cfg)
+    Pre-emption signals are caught from the start: one that arrives while the run is still being built stops it at
+    its first step boundary (checkpoint, exit 75)."""
+    with PreemptionFlag() as preemption:
+        dist = init_distributed()
+        written = cfg  # what config.yaml records; the resolved numbers go to the log
+        cfg, batch_plan = resolve_batch(cfg, dist.world_size)  # micro-batch and accumulation from the global batch
+        task = TASKS.get(cfg.task)
+        task.check(cfg)
+        if cfg.engine.name == "deepspeed":  # the merged DeepSpeed JSON is checked before anything is built
+            from mona_dist.engine.deepspeed_engine import deepspeed_config
+
+            deepspeed_config(cfg.engine, cfg.data.batch_size, dist.world_size)
+        join_group(dist, cfg)
+        run = prepare(cfg.output_dir, resume, dist.rank, dist.world_size)  # the lock, the resume, write access
+        try:
+            return _train(cfg, written, batch_plan, task, dist, run, preemption)
+        finally:
+            run.close()
+
+
+def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: DistState, run: Any,
+           preemption: PreemptionFlag) -> int:
     out = Path(cfg.output_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(written, out / "config.yaml")
-
     # Loaders first: a missing data set fails in a second, not after building a large model.
     loader = task.build_loader(cfg, "train", dist)
+    loader.set_step_batches(cfg.engine.grad_accum)  # an epoch is a whole number of steps, equal on every rank
     val_loader = task.build_loader(cfg, "val", dist) if cfg.data.val_shards else None
     cfg, steps_per_epoch = resolve_length(cfg, epoch_batches(loader))  # epochs -> steps
     seed_everything(cfg.train.seed)  # the same model on every rank
-    model = task.build_model(cfg)
+    with loading_policy(strict=cfg.model.pretrained_strict) as pretrained_reports:
+        model = task.build_model(cfg)
     total_params, trainable_params = count_parameters(model)
     meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
             "frozen_fingerprint": frozen_fingerprint(model)}
@@ -130,14 +143,16 @@ def train(cfg: Config, resume: str | None = None) -> int:
                           world_size=dist.world_size, fixed_shape=task.fixed_shape)
     schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps, steps_per_epoch)
 
-    step, skipped_steps = 0, 0
-    ckpt = resolve_resume(cfg.output_dir, resume)
+    step, skipped_steps, notes = 0, 0, list(run.notes)
+    ckpt = run.checkpoint
     if ckpt is not None:
-        state = load_checkpoint(ckpt, engine, dist, expect={k: meta[k] for k in ("engine", "zero_stage", "task",
-                                                                                  "frozen_fingerprint")})
-        step, skipped_steps = state["step"], state.get("counters", {}).get("skipped_steps", 0)
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        resumed = load_checkpoint(ckpt, engine, loader, dist, seed=cfg.train.seed,
+                                  expect={k: meta[k] for k in ("engine", "zero_stage", "task", "frozen_fingerprint")})
+        step, skipped_steps, loader = resumed.step, resumed.counters.get("skipped_steps", 0), resumed.loader
+        notes += resumed.notes
+    if dist.is_main:  # the run is valid: only now does the directory record it
+        dump_config(written, out / "config.yaml")
+        trim_metrics(out / "metrics.jsonl", step)  # replayed steps replace the interrupted run's records
 
     def save(at: int) -> Path:
         return save_checkpoint(out, at, engine, loader, dist, meta, cfg.train.keep_last,
@@ -146,6 +161,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
     monitor = Monitor(out, cfg.monitor, dist.is_main, cfg.train.max_steps, step, cfg.train.log_interval)
     monitor.message(f"{batch_plan.describe()}; {cfg.train.max_steps} steps"
                     + (f" ({steps_per_epoch} per epoch)" if steps_per_epoch else ""))
+    for note in notes + [f"pretrained {path}: {report.details()}" for path, report in pretrained_reports]:
+        monitor.message(note)
     if ckpt is not None:
         monitor.message(f"resumed from {ckpt} at step {step}")
     monitor.log_static(step, {"params_total": total_params, "params_trainable": trainable_params})
@@ -163,65 +180,67 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     engine.train(True)
     meter.begin()
-    with PreemptionFlag() as preemption:
-        try:
-            while step < cfg.train.max_steps:
-                engine.set_lr(schedule(step))
-                loss_sum = None
-                for micro in range(accum):
-                    meter.data_start()
-                    # the loader leaves the global torch RNG alone (its own generator, RNG restored around
-                    # in-process augmentation), so dropout masks do not depend on when its iterators start
-                    batch = next(batches)
-                    meter.data_end(task.batch_size(batch))
-                    last = micro == accum - 1
-                    with engine.accumulating(last=last):
-                        loss = engine(batch)["loss"]
-                        detached = loss.detach().float()
-                        loss_sum = detached if loss_sum is None else loss_sum + detached
-                        if last:  # decided before the last backward: DeepSpeed reduces gradients inside it
-                            mean, bad, stop = agree(loss_sum / accum, preemption.requested)
-                        if not last or not bad:
-                            # a non-finite earlier micro-batch leaves non-finite gradients: dropped below
-                            engine.backward(loss)
-                if bad and cfg.train.nan_policy == "stop":
-                    flush()
-                    where = save(step)
-                    monitor.message(f"error: non-finite loss at step {step + 1}; stopped. The state before that step "
-                                    f"is saved in {where} (train.nan_policy=skip skips such steps)", error=True)
-                    return EX_NONFINITE
-                if bad:
-                    engine.discard_step()
-                    skipped_steps += 1
-                else:
-                    engine.step()
-                step += 1
-                meter.step_done()
-                norm = None if bad else engine.grad_norm
-                pending.append({"step": step, "loss": math.nan if bad else mean, "lr": engine.lr,
-                                "grad_norm": norm.detach().clone() if torch.is_tensor(norm) else norm,
-                                "skipped_steps": skipped_steps})
-                t = cfg.train
-                last = step == t.max_steps
-                log = step % t.log_interval == 0 or step == 1 or last or stop
-                save_due = bool(t.ckpt_interval) and (step % t.ckpt_interval == 0 or last)
-                eval_due = val_loader is not None and bool((t.eval_interval and step % t.eval_interval == 0)
-                                                           or (last and t.eval_at_end))
-                if log or save_due or eval_due:
-                    flush(meter.finish(skipped_samples=getattr(loader, "skipped", 0)) if log else None)
-                if stop:
-                    where = save(step)
-                    monitor.message(f"pre-empted: checkpoint {where} saved at step {step}; exiting {EX_TEMPFAIL}")
-                    return EX_TEMPFAIL
-                if save_due:
-                    save(step)
-                if eval_due:
-                    monitor.log_eval(step, evaluate(task, engine, val_loader, dist))
-                if log or save_due or eval_due:
-                    meter.begin()  # the next interval's time and peak memory leave out this one's save and eval
-            monitor.message(f"done: {step} steps; outputs in {out} (checkpoints: {checkpoint_root(out)})")
-            return 0
-        finally:
-            with contextlib.suppress(Exception):  # best effort on the way out of an error: keep what was measured
+    try:
+        while step < cfg.train.max_steps:
+            engine.set_lr(schedule(step))
+            loss_sum = None
+            for micro in range(accum):
+                meter.data_start()
+                # the loader leaves the global torch RNG alone (its own generator, RNG restored around
+                # in-process augmentation), so dropout masks do not depend on when its iterators start
+                batch = next(batches)
+                meter.data_end(task.batch_size(batch))
+                last = micro == accum - 1
+                with engine.accumulating(last=last):
+                    loss = engine(batch)["loss"]
+                    detached = loss.detach().float()
+                    loss_sum = detached if loss_sum is None else loss_sum + detached
+                    if last:  # decided before the last backward: DeepSpeed reduces gradients inside it
+                        mean, bad, stop = agree(loss_sum / accum, preemption.requested)
+                    if not last or not bad:
+                        # a non-finite earlier micro-batch leaves non-finite gradients: dropped below
+                        engine.backward(loss)
+            if bad and cfg.train.nan_policy == "stop":
                 flush()
-            monitor.close()
+                where = save(step)
+                monitor.message(f"error: non-finite loss at step {step + 1}; stopped. The state before that step "
+                                f"is saved in {where} (train.nan_policy=skip skips such steps)", error=True)
+                return EX_NONFINITE
+            if bad:
+                engine.discard_step()
+                skipped_steps += 1
+            else:
+                engine.step()
+            step += 1
+            meter.step_done()
+            norm = None if bad else engine.grad_norm
+            pending.append({"step": step, "loss": math.nan if bad else mean, "lr": engine.lr,
+                            "grad_norm": norm.detach().clone() if torch.is_tensor(norm) else norm,
+                            "skipped_steps": skipped_steps})
+            t = cfg.train
+            last = step == t.max_steps
+            log = step % t.log_interval == 0 or step == 1 or last or stop
+            save_due = bool(t.ckpt_interval) and (step % t.ckpt_interval == 0 or last)
+            eval_due = val_loader is not None and bool((t.eval_interval and step % t.eval_interval == 0)
+                                                       or (last and t.eval_at_end))
+            if log or save_due or eval_due:
+                flush(meter.finish(skipped_samples=getattr(loader, "skipped", 0)) if log else None)
+            if stop:
+                where = save(step)
+                monitor.message(f"pre-empted: checkpoint {where} saved at step {step}; exiting {EX_TEMPFAIL}")
+                if not dist.is_main:  # every rank says it, so a task's own log shows it ended on the signal
+                    print(f"rank {dist.rank}: pre-empted at step {step}; exiting {EX_TEMPFAIL}", file=sys.stderr,
+                          flush=True)
+                return EX_TEMPFAIL
+            if save_due:
+                save(step)
+            if eval_due:
+                monitor.log_eval(step, evaluate(task, engine, val_loader, dist))
+            if log or save_due or eval_due:
+                meter.begin()  # the next interval's time and peak memory leave out this one's save and eval
+        monitor.message(f"done: {step} steps; outputs in {out} (checkpoints: {checkpoint_root(out)})")
+        return 0
+    finally:
+        with contextlib.suppress(Exception):  # best effort on the way out of an error: keep what was measured
+            flush()
+        monitor.close()

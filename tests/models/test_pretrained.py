@@ -101,3 +101,26 @@ def test_convert_command_turns_an_official_checkpoint_into_ours(tmp_path, capsys
     adapter = tmp_path / "adapter.safetensors"
     assert main(["convert", str(official), str(adapter), "--backbone", NANO, "--adapter-only"]) == 0
     assert adapter.stat().st_size < ours.stat().st_size / 3
+
+
+def test_weights_of_a_deeper_model_fail_unless_pretrained_strict_is_off(tmp_path):
+    """Swin-S into Swin-T used to drop 12 blocks silently: here a release with blocks the nano trunk lacks."""
+    from mona_dist.models.pretrained import loading_policy
+
+    src = _source("fixed")
+    sd = microsoft_release(src, {"weight": torch.rand(256) + 0.5, "bias": torch.randn(256)})
+    state = sd["model"] if "model" in sd else sd
+    extra = {re.sub(r"layers\.2\.blocks\.1\.", "layers.2.blocks.7.", k): v.clone() for k, v in state.items()
+             if "layers.2.blocks.1." in k}
+    assert extra
+    state.update(extra)
+    path = tmp_path / "deeper.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"holds another architecture than .*blocks\.7\..*pretrained_strict: false"):
+        build_backbone(NANO, "fixed", pretrained=str(path))
+    with loading_policy(strict=False) as reports:
+        build_backbone(NANO, "fixed", pretrained=str(path))
+    (where, report), = reports
+    assert where == str(path) and report.architecture  # (buffers such as relative_position_index are not loaded)
+    assert all(".blocks.7." in k for k in report.architecture)
+    assert "15 unexpected" in report.details() and "trunk.layers.2.blocks.7." in report.details()  # rank 0 prints it

@@ -103,7 +103,7 @@ def test_nan_loss_is_skipped_with_skip_policy(tmp_path, cls_shards):
 
 def test_resume_modes(tmp_path, cls_shards):
     path = tiny_config(tmp_path, cls_shards, train={"max_steps": 2, "eval_at_end": False})
-    with pytest.raises(FileNotFoundError, match="--resume latest: no checkpoint at .*checkpoints/latest"):
+    with pytest.raises(FileNotFoundError, match="--resume latest: no complete checkpoint in .*checkpoints"):
         run(path, resume="latest")
     assert run(path, resume="auto") == 0  # nothing there: a fresh run
     assert run(path, "train.max_steps=3", resume="auto") == 0  # now resumes from step 2
@@ -147,7 +147,7 @@ def test_checkpoint_cannot_run_code(tmp_path, cls_shards, monkeypatch):
 def test_foreign_directory_is_rejected(tmp_path, cls_shards):
     path = tiny_config(tmp_path, cls_shards)
     (tmp_path / "elsewhere").mkdir()
-    with pytest.raises(ValueError, match="not a complete mona-dist checkpoint \\(meta.json missing\\)"):
+    with pytest.raises(ValueError, match="not a checkpoint directory \\(no meta.json"):
         run(path, resume=str(tmp_path / "elsewhere"))
 
 

@@ -1,0 +1,72 @@
+"""Cluster signals reach a job's whole process group: the run checkpoints at its next step boundary and every rank
+exits 75, while its DataLoader workers ignore the signal (torch's worker handler used to kill them first)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_distributed_runs import finish, launch, step_losses, wait_for
+from train_helpers import REPO, tiny_config
+
+
+def long_run(tmp_path: Path, shards: Path, **engine) -> Path:
+    return tiny_config(tmp_path, shards, data={"workers": 2}, engine=engine or {"name": "ddp", "zero_stage": 0},
+                       train={"max_steps": 400, "ckpt_interval": 0, "log_interval": 1, "eval_at_end": False})
+
+
+def group_gone(pgid: int, timeout: float = 60) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def stopped_at(out_dir: Path) -> int:
+    latest = out_dir / "checkpoints" / "latest"
+    assert (latest / "meta.json").is_file(), "no checkpoint was saved"
+    return int(os.readlink(latest).removeprefix("step-"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
+def test_group_signal_to_a_single_process_run_checkpoints_and_exits_75(tmp_path, cls_shards, sig):
+    cfg, out_dir = long_run(tmp_path, cls_shards), tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "launch/train.py", "--config", str(cfg)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(lambda: (out_dir / "metrics.jsonl").is_file() and len(step_losses(out_dir)) >= 2, proc)
+    os.killpg(proc.pid, sig)  # what SLURM, torchrun and the deepspeed launcher do: trainer and workers alike
+    rc, out = finish(proc, timeout=120)
+    assert rc == 75, out[-3000:]
+    assert "pre-empted: checkpoint" in out and "killed by signal" not in out
+    at = stopped_at(out_dir)
+    assert 2 <= at < 400 and max(step_losses(out_dir)) == at
+    assert group_gone(proc.pid)  # the workers ended with their trainer
+
+
+@pytest.mark.slow
+def test_group_sigterm_to_a_two_rank_deepspeed_launcher_run_checkpoints_and_every_rank_exits_75(tmp_path, cls_shards):
+    # the ddp engine under the deepspeed launcher: what is tested is how the launcher's process tree takes a group
+    # signal (runner dies, launcher SIGTERMs each rank's tree and waits), not DeepSpeed's engine
+    cfg, out_dir = long_run(tmp_path, cls_shards), tmp_path / "run"
+    proc = launch(cfg, "--set", f"output_dir={out_dir}", "--set", "data.workers=1")
+    wait_for(lambda: (out_dir / "metrics.jsonl").is_file() and len(step_losses(out_dir)) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # runner, launcher, both ranks and their workers
+    _, out = finish(proc, timeout=120)  # the runner dies of it at once; the pipe closes when the ranks are done
+    assert "pre-empted: checkpoint" in out and "rank 1: pre-empted at step" in out, out[-3000:]
+    at = stopped_at(out_dir)
+    assert {p.name for p in (out_dir / "checkpoints" / "latest").iterdir()} >= {"rank-00000.pt", "rank-00001.pt"}
+    assert 2 <= at < 400 and max(step_losses(out_dir)) == at
+    assert f"rank 1: pre-empted at step {at}; exiting 75" in out
+    assert group_gone(proc.pid)
