@@ -92,7 +92,7 @@ def test_device_preprocessing_on_cuda_equals_the_cpu(cuda):
     pre = DataPreprocessor()
     sizes = [(32, 40), (24, 30)]
     on_cpu = pre(batch, img_sizes=sizes, jitter=draws)
-    on_gpu = pre(batch.to(cuda), img_sizes=sizes, jitter=draws.to(cuda))
+    on_gpu = pre(batch.to(cuda), img_sizes=sizes, jitter=draws)  # draws come from the workers, on the host
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4)
     listed = pre([batch[0].to(cuda), batch[1, :, :24, :30].to(cuda)], sizes=[(48, 60), (36, 45)])  # detection
