@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test-fast: install
 
 demo: install
 	bash launch/demo.sh
+
+# On one GPU, <= 8 minutes: the gpu tests, every configs/cpu task under the deepspeed launcher, bench at paper
+# scale, bench-data; JSON under $(OUT). CPU/CI: make gpu-check ARGS="--device cpu --tiny".
+OUT ?= runs/gpu-check
+gpu-check: install
+	OUT=$(OUT) $(PY) launch/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data/synthetic .pytest_cache

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=["cls", "seg", "det"], default="cls",
                    help="cls: linear head; seg: semantic-FPN head; det: torchvision RetinaNet (Swin only)")
     p.add_argument("--batch-size", type=int, default=2, help="per rank")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=image_size, default=224, metavar="N|WxH",
+                   help="square side, or width x height, e.g. 1333x800 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--engine", choices=["ddp", "deepspeed", "fairscale"], default="ddp")
@@ -30,6 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=bench)
+
+
+def image_size(text: str) -> int | tuple[int, int]:
+    """'224' -> 224; '1333x800' -> (1333, 800) (width, height, as the papers write detection scales)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected N or WxH in pixels (e.g. 224, 1333x800), got {text!r}")
+    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
 
 
 def bench(args: argparse.Namespace) -> int:

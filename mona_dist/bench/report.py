@@ -47,10 +47,12 @@ def _x(v: float | None) -> str:
 
 
 def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
+    size = meta["img_size"]
+    size = f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) else size
     head = (
         f"`{meta['command']}`  \n"
         f"{meta['backbone']}, task {meta['task']}, batch {meta['batch_size']}/rank x {meta['world_size']} rank(s), "
-        f"{meta['img_size']} px, {meta['precision']}, engine {meta['engine']} ZeRO-{meta['zero_stage']}, "
+        f"{size} px, {meta['precision']}, engine {meta['engine']} ZeRO-{meta['zero_stage']}, "
         f"activation checkpointing {'on' if meta['activation_checkpointing'] else 'off'}, {meta['steps']} timed "
         f"steps per method (interleaved) on {meta['device_name']}. Peak memory: "
         + ("CUDA max allocated, MAX over ranks." if meta["device"] == "cuda"

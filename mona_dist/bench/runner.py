@@ -84,7 +84,7 @@ class BenchSpec:
     methods: list[str]
     task: str = "cls"
     batch_size: int = 2
-    img_size: int = 224
+    img_size: int | tuple[int, int] = 224  # square side, or (width, height)
     steps: int = 10
     warmup: int = 2
     engine: str = "ddp"
@@ -105,19 +105,20 @@ class MethodRun:
 
 def make_batch(spec: BenchSpec, device: torch.device) -> dict[str, Any]:
     g = torch.Generator().manual_seed(spec.seed)
-    images = torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size, generator=g)
+    w, h = (spec.img_size, spec.img_size) if isinstance(spec.img_size, int) else spec.img_size
+    images = torch.randn(spec.batch_size, 3, h, w, generator=g)
     if spec.task == "det":  # 4 boxes per image, torchvision's list-of-images/targets format
-        targets = []
+        targets, wh_scale = [], torch.tensor([w, h], dtype=torch.float32)
         for _ in range(spec.batch_size):
-            xy = torch.rand(4, 2, generator=g) * spec.img_size * 0.6
-            wh = (torch.rand(4, 2, generator=g) * 0.3 + 0.1) * spec.img_size
+            xy = torch.rand(4, 2, generator=g) * wh_scale * 0.6
+            wh = (torch.rand(4, 2, generator=g) * 0.3 + 0.1) * wh_scale
             targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
                             "labels": torch.randint(1, spec.num_classes + 1, (4,), generator=g).to(device)})
         return {"images": list(images.to(device)), "targets": targets}
     if spec.task == "cls":
         target = {"labels": torch.randint(spec.num_classes, (spec.batch_size,), generator=g)}
     else:
-        target = {"masks": torch.randint(spec.num_classes, (spec.batch_size, spec.img_size, spec.img_size), generator=g)}
+        target = {"masks": torch.randint(spec.num_classes, (spec.batch_size, h, w), generator=g)}
     return {k: v.to(device) for k, v in {"images": images, **target}.items()}
 
 

@@ -141,3 +141,22 @@ def test_each_method_is_measured_alone_on_the_device_asked_for(monkeypatch):
     assert alive_at_build == [0, 0, 0, 0, 1, 2]
     gc.collect()
     assert all(ref() is None for ref in built)  # and all released at the end
+
+
+def test_img_size_is_a_side_or_width_by_height():
+    import argparse
+
+    from mona_dist.bench.cli import image_size
+
+    assert image_size("224") == 224 and image_size("1000x600") == (1000, 600)
+    for bad in ("0", "12x", "axb", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected N or WxH"):
+            image_size(bad)
+    det = runner.make_batch(BenchSpec(backbone="swin_nano_patch4_window7", methods=["fixed"], task="det",
+                                      batch_size=1, img_size=(96, 64)), torch.device("cpu"))
+    assert det["images"][0].shape == (3, 64, 96)  # (W, H) in, (C, H, W) out
+    boxes = det["targets"][0]["boxes"]
+    assert (boxes[:, 2] <= 0.9 * 96 + 1e-3).all() and (boxes[:, 3] <= 0.9 * 64 + 1e-3).all()  # inside the image
+    seg = runner.make_batch(BenchSpec(backbone="swin_nano_patch4_window7", methods=["fixed"], task="seg",
+                                      batch_size=2, img_size=(40, 24)), torch.device("cpu"))
+    assert seg["images"].shape == (2, 3, 24, 40) and seg["masks"].shape == (2, 24, 40)

@@ -1,0 +1,336 @@
+#!/usr/bin/env python
+"""`make gpu-check`: one prepared run that proves the CUDA, NCCL and bf16 paths on one GPU within 8 minutes.
+
+Steps, each a subprocess with its own time limit (a failure or a timeout never stops the next step):
+  tests             pytest -m gpu (MONA_DIST_TEST_GPU=1): CUDA train steps under DeepSpeed ZeRO-2/3 bf16, DDP bf16
+                    autocast, the device-side preprocessing
+  shards-<cfg>      synthetic shards for each configs/cpu task (under OUT/data, reused when present)
+  train-<cfg>       each configs/cpu/*.yaml task for --steps steps under the deepspeed launcher, world size 1
+                    (NCCL and bf16 on cuda, gloo and the config's fp32 on cpu)
+  bench-voc/-coco   `mona-dist bench` for the detection tasks, batch 1, every method: Swin-L 1000x600 (VOC) and
+                    Swin-B 1333x800 (COCO) in bf16 on cuda; --tiny: Swin-nano at 96x64 / 128x96
+  bench-data-<cfg>  `mona-dist bench-data --device DEV` on the task's shards
+Writes OUT/<step>.json (status, exit code, wall time, budget, command, log, parsed results), OUT/summary.json and
+prints one table; exits 1 if any step failed or timed out. OUT: --out, else $OUT, else runs/gpu-check.
+
+Time budget on one GPU (seconds; limits are these, x CPU_FACTOR on --device cpu): see BUDGET_S. Their sum is
+asserted <= 480 (8 minutes) by tests/launch/test_gpu_check.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+TRAIN_CONFIGS = ("ade20k", "cls", "coco", "voc")  # configs/cpu/<name>.yaml; base.yaml holds no task
+# One GPU, per step, seconds: start-up (imports, CUDA context, the deepspeed launcher) is most of each short step.
+BUDGET_S = {
+    "tests": 60,
+    **{f"shards-{c}": 8 for c in TRAIN_CONFIGS},       # 32: a few dozen 64-px images each
+    **{f"train-{c}": 35 for c in TRAIN_CONFIGS},       # 140: launcher + NCCL init + 20 steps + final eval
+    "bench-voc": 105,                                  # Swin-L, 10 methods, each built twice (memory, then time)
+    "bench-coco": 105,                                 # Swin-B, the same
+    **{f"bench-data-{c}": 9 for c in TRAIN_CONFIGS},   # 36
+}
+CPU_FACTOR = 10  # a loaded 2-core CPU runs even the tiny sizes (and every start-up) several times slower
+# bench's detectors by the data set they come from: the task name bench offers for it, backbone and size
+# (W x H) at paper scale and with --tiny.
+BENCH = {
+    "voc": {"tasks": ("voc", "det"), "backbone": "swin_large_patch4_window7_224", "size": "1000x600",
+            "tiny_size": "96x64"},
+    "coco": {"tasks": ("coco",), "backbone": "swin_base_patch4_window7_224", "size": "1333x800",
+             "tiny_size": "128x96"},
+}
+TINY_BACKBONE = "swin_nano_patch4_window7"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny backbone and sizes (the CPU/CI run)")
+    p.add_argument("--steps", type=int, default=None, help="train steps per task (default 20; --tiny 2)")
+    p.add_argument("--methods", default=None, help="bench methods (default: every method bench knows)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated step names or prefixes (e.g. tests,train-cls,bench-voc); default: all")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "runs/gpu-check"))
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    args.steps = args.steps or (2 if args.tiny else 20)
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(device: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1", PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    if device == "cpu":  # DeepSpeed on its CPU accelerator (gloo), CUDA hidden even on a GPU host
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    else:
+        env["DS_ACCELERATOR"] = "cuda"
+        if env.get("CUDA_VISIBLE_DEVICES") == "":  # an inherited "hide CUDA" (the CPU test suite's) would hide it
+            del env["CUDA_VISIBLE_DEVICES"]
+    return env
+
+
+def run_step(name: str, cmd: list[str], timeout_s: float, out: Path, env: dict[str, str]) -> dict:
+    """Run `cmd` with its output in OUT/logs/<name>.log; killed with its whole process group at `timeout_s`."""
+    log = out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        # own session: the deepspeed launcher's ranks and DataLoader workers die with it at the time limit
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        try:
+            rc, status = proc.wait(timeout=timeout_s), None
+        except subprocess.TimeoutExpired:
+            stop_group(proc, grace_s=10)
+            rc, status = proc.wait(), "timeout"
+        except BaseException:  # Ctrl-C or SIGTERM to the check: the step's own session would outlive it
+            stop_group(proc, grace_s=2)
+            raise
+    return {"step": name, "status": status or ("passed" if rc == 0 else "failed"), "rc": rc,
+            "wall_s": round(time.monotonic() - t0, 1), "budget_s": timeout_s, "command": cmd, "log": str(log)}
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the step's process group, SIGKILL after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def log_tail(result: dict, lines: int = 3) -> str:
+    text = Path(result["log"]).read_text(errors="replace").strip().splitlines()
+    return " | ".join(line.strip() for line in text[-lines:])[-300:]
+
+
+# ---- the steps ------------------------------------------------------------------------------------------------
+
+
+def test_step(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    junit = args.out / "tests" / "junit.xml"
+    junit.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}",
+           "tests"]
+    env = child_env(args.device)
+    if args.device == "cuda":
+        env["MONA_DIST_TEST_GPU"] = "1"  # tests/conftest.py: otherwise the suite hides CUDA and skips `gpu` tests
+    else:
+        env.pop("MONA_DIST_TEST_GPU", None)
+    return cmd, env
+
+
+def test_details(args: argparse.Namespace, result: dict) -> None:
+    """Counts from the JUnit XML; on cuda a skipped `gpu` test is a failure (it was meant to run here)."""
+    junit = args.out / "tests" / "junit.xml"
+    if not junit.exists():
+        return
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    result["details"] = counts
+    result["note"] = (f"{counts['tests'] - counts['failures'] - counts['errors'] - counts['skipped']} passed, "
+                      f"{counts['skipped']} skipped, {counts['failures'] + counts['errors']} failed")
+    if args.device == "cuda" and result["status"] == "passed" and (counts["skipped"] or not counts["tests"]):
+        result["status"] = "failed"
+        result["note"] += " (a gpu test skipped on the GPU run)"
+
+
+def shards_cmd(args: argparse.Namespace, name: str) -> list[str] | None:
+    if (args.out / "data" / name / "shards" / "val.index.json").exists():
+        return None  # built by an earlier run into the same OUT
+    return [sys.executable, "-m", "mona_dist.cli", "shards", "synthetic", "--task", name,
+            "--out", str(args.out / "data" / name), "--num-train", "32", "--num-val", "8", "--size", "64",
+            "--per-shard", "16", "--workers", "1", "--no-progress"]
+
+
+def train_cmd(args: argparse.Namespace, name: str) -> list[str]:
+    data, run = args.out / "data" / name / "shards", args.out / "train" / name
+    sets = {"output_dir": run, "train.max_steps": args.steps, "train.ckpt_interval": args.steps,
+            "train.log_interval": 1, "monitor.progress_bar": "false", "data.train_shards": data / "train.index.json",
+            "data.val_shards": data / "val.index.json"}
+    if args.device == "cuda":
+        sets.update({"engine.precision": "bf16", "data.pin_memory": "true"})
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [deepspeed, "--num_gpus", "1", "--master_port", str(free_port()), "launch/train.py",
+            "--config", f"configs/cpu/{name}.yaml", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+
+
+def train_details(args: argparse.Namespace, name: str, result: dict) -> None:
+    metrics = args.out / "train" / name / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        result["details"] = {"metrics_first": rows[0] if rows else None, "metrics_last": rows[-1] if rows else None,
+                             "metrics": str(metrics)}
+
+
+def bench_task(which: str) -> str | None:
+    """The name `mona-dist bench --task` offers for this detector, read from the CLI itself; None if it has none."""
+    from mona_dist.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    choices = next(a.choices for a in commands.choices["bench"]._actions if a.dest == "task")
+    return next((t for t in BENCH[which]["tasks"] if t in choices), None)
+
+
+def bench_cmd(args: argparse.Namespace, which: str, task: str) -> list[str]:
+    from mona_dist.bench.cli import DEFAULT_METHODS
+
+    spec = BENCH[which]
+    cmd = [sys.executable, "-m", "mona_dist.cli", "bench", "--task", task,
+           "--backbone", TINY_BACKBONE if args.tiny else spec["backbone"],
+           "--img-size", spec["tiny_size"] if args.tiny else spec["size"], "--batch-size", "1",
+           "--methods", args.methods or DEFAULT_METHODS, "--device", args.device, "--out", str(args.out / f"bench-{which}")]
+    cmd += ["--steps", "1", "--warmup", "0"] if args.tiny else ["--steps", "5", "--warmup", "1"]
+    if args.device == "cuda":
+        cmd += ["--precision", "bf16"]
+    return cmd
+
+
+def bench_details(args: argparse.Namespace, which: str, result: dict) -> None:
+    path = args.out / f"bench-{which}" / "bench.json"
+    if path.exists() and result["status"] == "passed":
+        result["details"] = json.loads(path.read_text())
+        result["note"] = f"{path}"
+
+
+def bench_data_cmd(args: argparse.Namespace, name: str) -> list[str]:
+    task = yaml.safe_load((ROOT / "configs" / "cpu" / f"{name}.yaml").read_text())["task"]
+    small = args.tiny or args.device == "cpu"
+    return [sys.executable, "-m", "mona_dist.cli", "bench-data", "--task", task,
+            "--shards", str(args.out / "data" / name / "shards" / "train.index.json"), "--device", args.device,
+            "--workers", "1" if small else "4", "--batches", "3" if small else "10", "--batch-size", "4", "--json"]
+
+
+def bench_data_details(result: dict) -> None:
+    lines = Path(result["log"]).read_text(errors="replace").strip().splitlines()
+    try:
+        row = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return
+    result["details"] = row
+    result["note"] = (f"pipeline {row['pipeline_images_per_s']:.1f} img/s, device preprocessing "
+                      f"{row['device_preprocess_images_per_s']:.1f} img/s on {row['device']}")
+
+
+# ---- driver ---------------------------------------------------------------------------------------------------
+
+
+def selected(args: argparse.Namespace, name: str) -> bool:
+    if not args.only:
+        return True
+    return any(name == s or name.startswith(s + "-") for s in args.only.split(","))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through run_step, which stops its step
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check: --device cuda, but no CUDA device is visible (use --device cpu --tiny on a CPU host)",
+                  file=sys.stderr)
+            return 2
+    factor = 1 if args.device == "cuda" else CPU_FACTOR
+    env = child_env(args.device)
+    results: list[dict] = []
+
+    def record(result: dict) -> dict:
+        if result["status"] != "passed" and not result.get("note"):
+            result["note"] = log_tail(result)
+        (args.out / f"{result['step']}.json").write_text(json.dumps(result, indent=1, default=str))
+        results.append(result)
+        print(f"[gpu-check] {result['step']:<20} {result['status']:<8} {result['wall_s']:7.1f} s "
+              f"(limit {result['budget_s']} s)  {result.get('note', '')}", flush=True)
+        return result
+
+    def skip(name: str, why: str) -> None:
+        record({"step": name, "status": "skipped", "rc": None, "wall_s": 0.0, "budget_s": BUDGET_S[name] * factor,
+                "command": None, "note": why})
+
+    if selected(args, "tests"):
+        cmd, test_env = test_step(args)
+        result = run_step("tests", cmd, BUDGET_S["tests"] * factor, args.out, test_env)
+        test_details(args, result)
+        record(result)
+
+    for name in TRAIN_CONFIGS:  # the data every later step of this task reads
+        wanted = [s for s in (f"train-{name}", f"bench-data-{name}") if selected(args, s)]
+        if wanted or selected(args, f"shards-{name}"):
+            cmd = shards_cmd(args, name)
+            if cmd is None:
+                skip(f"shards-{name}", f"reused {args.out / 'data' / name}")
+            else:
+                record(run_step(f"shards-{name}", cmd, BUDGET_S[f"shards-{name}"] * factor, args.out, env))
+
+    for name in TRAIN_CONFIGS:
+        if selected(args, f"train-{name}"):
+            result = run_step(f"train-{name}", train_cmd(args, name), BUDGET_S[f"train-{name}"] * factor, args.out, env)
+            train_details(args, name, result)
+            record(result)
+
+    for which in BENCH:
+        step = f"bench-{which}"
+        if not selected(args, step):
+            continue
+        task = bench_task(which)
+        if task is None:
+            skip(step, f"`mona-dist bench --task` offers no {which} detector yet (choices tried: "
+                       f"{', '.join(BENCH[which]['tasks'])})")
+            continue
+        result = run_step(step, bench_cmd(args, which, task), BUDGET_S[step] * factor, args.out, env)
+        bench_details(args, which, result)
+        record(result)
+
+    for name in TRAIN_CONFIGS:
+        step = f"bench-data-{name}"
+        if selected(args, step):
+            result = run_step(step, bench_data_cmd(args, name), BUDGET_S[step] * factor, args.out, env)
+            bench_data_details(result)
+            record(result)
+
+    failed = [r["step"] for r in results if r["status"] in ("failed", "timeout")]
+    total = sum(r["wall_s"] for r in results)
+    summary = {"device": args.device, "tiny": args.tiny, "steps": args.steps, "wall_s": round(total, 1),
+               "failed": failed, "results": [{k: r[k] for k in ("step", "status", "rc", "wall_s", "budget_s")}
+                                             for r in results]}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\n{'step':<20} {'status':<8} {'wall s':>8} {'limit s':>8}  note")
+    for r in results:
+        print(f"{r['step']:<20} {r['status']:<8} {r['wall_s']:8.1f} {r['budget_s']:8}  {r.get('note', '')[:90]}")
+    print(f"{'total':<20} {'FAILED' if failed else 'ok':<8} {total:8.1f}  -> {args.out}/summary.json")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
