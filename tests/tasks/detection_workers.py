@@ -32,7 +32,7 @@ def snapshot(model) -> tuple[dict, dict]:
     return frozen, trainable
 
 
-def run_detectors(rank: int, world_size: int, port: int, variants: list[dict], out: str) -> None:
+def run_detectors(rank: int, world_size: int, port: int, variants: dict[str, list[dict]], out: str) -> None:
     """Each detector under each engine variant: a few steps on this rank's own batches; what moved, what did not."""
     from mona_dist.config.schema import EngineConfig, OptimConfig
     from mona_dist.engine import build_engine
@@ -41,8 +41,8 @@ def run_detectors(rank: int, world_size: int, port: int, variants: list[dict], o
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     results = {}
-    for task in ("coco", "voc"):
-        for spec in variants:
+    for task, specs in variants.items():
+        for spec in specs:
             cfg = EngineConfig(**spec)
             model = build(task)
             frozen0, trainable0 = snapshot(model)
