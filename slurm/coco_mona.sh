@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# COCO instance segmentation: Mask R-CNN on Swin-L with Mona (36 epochs, 16 images per step).
+# COCO instance segmentation: Cascade Mask R-CNN on Swin-L with Mona (36 epochs, 16 images per step).
 #
 # Defaults: 2 nodes x 8 GPUs = 16 ranks x 1 image: the official 16 images per step (bs_16, samples_per_gpu=1), one task (= one rank) per GPU.
 # The recipe fixes the images per step (train.global_batch): on other world sizes each rank's share and

@@ -12,15 +12,17 @@ DEFAULT_METHODS = "full,fixed,mona,mona_hw,e3va,lora,adapter,adaptformer,lorand,
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="compare training memory and time of methods side by side")
-    p.add_argument("--backbone", default="swin_base_patch4_window7_224")
+    p.add_argument("--backbone", default=None,
+                   help="default: the task's paper backbone (swin_large_patch4_window7_224 for voc, swin_base otherwise)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated; options after a colon, e.g. e3va:lora_fa=true (default: %(default)s)")
-    p.add_argument("--task", choices=["cls", "seg", "det"], default="cls",
-                   help="cls: linear head; seg: semantic-FPN head; det: torchvision RetinaNet (Swin only)")
+    p.add_argument("--task", choices=["cls", "seg", "coco", "voc"], default="cls",
+                   help="cls: linear head; seg: semantic-FPN head; coco: the coco task's mmdet Cascade Mask R-CNN; "
+                        "voc: the voc task's mmdet RetinaNet (Swin only)")
     p.add_argument("--batch-size", type=int, default=2, help="per rank")
-    p.add_argument("--img-size", type=image_size, default=224, metavar="N|WxH",
-                   help="square side, or width x height, e.g. 1333x800 (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    p.add_argument("--img-size", type=image_size, default=None,
+                   help="a side, or WxH as mmdet writes img_scale (default: 224; coco 1333x800; voc 1000x600)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method (0: memory only)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--engine", choices=["ddp", "deepspeed", "fairscale"], default="ddp")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage (deepspeed 0-3, fairscale 1-2)")
@@ -33,20 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench)
 
 
-def image_size(text: str) -> int | tuple[int, int]:
-    """'224' -> 224; '1333x800' -> (1333, 800) (width, height, as the papers write detection scales)."""
-    parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected N or WxH in pixels (e.g. 224, 1333x800), got {text!r}")
-    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
-
-
 def bench(args: argparse.Namespace) -> int:
     import torch
 
     from ..distributed import init_distributed
     from .report import write_outputs
-    from .runner import BenchSpec, run_bench
+    from .runner import TASK_DEFAULTS, BenchSpec, run_bench
 
     from ..adapters import METHODS, check_method_options
     from .runner import parse_method
@@ -62,9 +56,11 @@ def bench(args: argparse.Namespace) -> int:
     dist = init_distributed()
     # init_distributed picked this rank's GPU; with one visible GPU per task that is cuda:0, not cuda:local_rank.
     device = torch.device("cuda", torch.cuda.current_device()) if device_kind == "cuda" else torch.device("cpu")
+    backbone, hw, classes = TASK_DEFAULTS[args.task]
     spec = BenchSpec(
-        backbone=args.backbone, methods=[m for m in args.methods.split(",") if m], task=args.task,
-        batch_size=args.batch_size, img_size=args.img_size, steps=args.steps, warmup=args.warmup,
+        backbone=args.backbone or backbone, methods=[m for m in args.methods.split(",") if m], task=args.task,
+        batch_size=args.batch_size, img_size=args.img_size or hw, steps=args.steps, warmup=args.warmup,
+        num_classes=classes,
         engine=args.engine, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
         precision=args.precision or ("bf16" if device_kind == "cuda" else "fp32"),
     )
@@ -76,6 +72,17 @@ def bench(args: argparse.Namespace) -> int:
         print(write_outputs(rows, meta, args.out))
         print(f"wrote {args.out}/bench.json, bench.md, bench.png, tb/")
     return 0
+
+
+def image_size(text: str) -> int | tuple[int, int]:
+    """"224" -> 224; "1333x800" (width x height) -> (800, 1333), as (H, W)."""
+    try:
+        sides = [int(v) for v in text.lower().split("x")]
+        if len(sides) not in (1, 2) or min(sides) <= 0:
+            raise ValueError
+        return sides[0] if len(sides) == 1 else (sides[1], sides[0])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a side or WxH such as 1333x800, got {text!r}") from None
 
 
 def _cpu_name() -> str:

@@ -13,6 +13,36 @@ PAPER_ANCHORS = [
     "Same tables: Mona 0.82x full (13996 / 17061 MB) and 0.76x (11958 / 15679 MB); frozen backbone 0.42x / 0.25x.",
 ]
 
+# V-PETL Bench's training memory tables, MB (REFERENCE.md): COCO Cascade Mask R-CNN Swin-B, VOC RetinaNet Swin-L.
+# V-PETL's "frozen" is our "fixed".
+VPETL_MB = {
+    "coco": {"full": 17061, "fixed": 7137, "e3va": 7639, "mona": 13996, "lora": 11975, "adapter": 12557,
+             "adaptformer": 13186, "lorand": 13598, "bitfit": 13657},
+    "voc": {"full": 15679, "fixed": 3967, "e3va": 4819, "mona": 11958, "lora": 10127, "adapter": 10793},
+}
+VPETL_TOLERANCE = 0.10  # the goal: every method's ratio to full within this of V-PETL's
+
+
+def vpetl_table(rows: list[dict], task: str) -> str:
+    """Each measured method's ratios to full and to fixed next to V-PETL's, for the coco / voc benches."""
+    paper = VPETL_MB.get(task)
+    if not paper or not all(r.get("peak_vs_full") is not None and r.get("peak_vs_fixed") is not None
+                            for r in rows if r["method"] in paper):
+        return ""
+    lines = ["| method | V-PETL MB | x full | V-PETL x full | difference | x fixed | V-PETL x fixed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mb = paper.get(r["method"].split(":")[0])
+        if mb is None or r.get("peak_vs_full") is None:
+            continue
+        ref_full, ref_fixed = mb / paper["full"], mb / paper["fixed"]
+        diff = r["peak_vs_full"] - ref_full
+        flag = "" if abs(diff) <= VPETL_TOLERANCE else " (outside +-0.10)"
+        lines.append(f"| {r['method']} | {mb:,} | {r['peak_vs_full']:.2f} | {ref_full:.2f} | {diff:+.2f}{flag} | "
+                     f"{_x(r.get('peak_vs_fixed'))} | {ref_fixed:.2f} |")
+    return "\n\nNext to V-PETL's table (peak memory as ratios):\n\n" + "\n".join(lines) if len(lines) > 2 else ""
+
+
 # (method, ratio key, bound, description). A goal is checked only when its method (and reference) was measured.
 GOALS = [
     ("e3va", "peak_vs_fixed", 1.05, "e3va peak <= 1.05x fixed"),
@@ -38,6 +68,16 @@ def goal_lines(rows: list[dict], activation_checkpointing: bool) -> list[str]:
     return out
 
 
+def _size(size: Any) -> str:
+    return str(size) if isinstance(size, int) else f"{size[1]}x{size[0]}"  # (H, W) -> WxH, as mmdet's img_scale
+
+
+def _ms(r: dict) -> str:
+    if r.get("step_time_s") is None:
+        return ""
+    return f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_p10_s']:.1f}-{1e3 * r['step_time_p90_s']:.1f})"
+
+
 def _mib(b: float | None) -> str:
     return "" if b is None else f"{b / 2**20:,.1f}"
 
@@ -47,12 +87,10 @@ def _x(v: float | None) -> str:
 
 
 def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
-    size = meta["img_size"]
-    size = f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) else size
     head = (
         f"`{meta['command']}`  \n"
         f"{meta['backbone']}, task {meta['task']}, batch {meta['batch_size']}/rank x {meta['world_size']} rank(s), "
-        f"{size} px, {meta['precision']}, engine {meta['engine']} ZeRO-{meta['zero_stage']}, "
+        f"{_size(meta['img_size'])} px, {meta['precision']}, engine {meta['engine']} ZeRO-{meta['zero_stage']}, "
         f"activation checkpointing {'on' if meta['activation_checkpointing'] else 'off'}, {meta['steps']} timed "
         f"steps per method (interleaved) on {meta['device_name']}. Peak memory: "
         + ("CUDA max allocated, MAX over ranks." if meta["device"] == "cuda"
@@ -69,8 +107,8 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
         cells = [r["method"], f"{r['trainable']:,}", _mib(r["peak_mem_bytes"]), _x(r.get("peak_vs_full")),
                  _x(r.get("peak_vs_fixed")), _mib(r["saved_activation_bytes"]), _mib(r["model_state_bytes"]),
                  _mib(r["model_state_estimate_bytes"]),
-                 f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_p10_s']:.1f}-{1e3 * r['step_time_p90_s']:.1f})",
-                 _x(r.get("time_vs_full")), f"{r['images_per_s']:.1f}"]
+                 _ms(r), _x(r.get("time_vs_full")),
+                 "" if r.get("images_per_s") is None else f"{r['images_per_s']:.1f}"]
         if meta["device"] == "cpu":
             cells.insert(5, _mib(r["rss_peak_bytes"]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -78,7 +116,7 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
     tail = ("\n\nGoals (set for Swin-B/L at the papers' input sizes; a small backbone's ratios are dominated by the "
             "head it shares with every method):\n" + "\n".join(f"- {g}" for g in goals)) if goals else ""
     anchors = "\n\nAnchors:\n" + "\n".join(f"- {a}" for a in PAPER_ANCHORS)
-    return head + "\n".join(lines) + tail + anchors + "\n"
+    return head + "\n".join(lines) + vpetl_table(rows, meta["task"]) + tail + anchors + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -95,9 +133,10 @@ def plot(rows: list[dict], path: Path) -> None:
     ax1.set_ylabel("MiB")
     ax1.set_title("training memory")
     ax1.legend()
-    ax2.bar(names, [1e3 * r["step_time_s"] for r in rows], color="tab:green",
-            yerr=[[1e3 * (r["step_time_s"] - r["step_time_p10_s"]) for r in rows],
-                  [1e3 * (r["step_time_p90_s"] - r["step_time_s"]) for r in rows]])
+    timed = [r for r in rows if r.get("step_time_s") is not None]
+    ax2.bar([r["method"] for r in timed], [1e3 * r["step_time_s"] for r in timed], color="tab:green",
+            yerr=[[1e3 * (r["step_time_s"] - r["step_time_p10_s"]) for r in timed],
+                  [1e3 * (r["step_time_p90_s"] - r["step_time_s"]) for r in timed]])
     ax2.set_ylabel("ms / step (median, p10-p90)")
     ax2.set_title("step time")
     for ax in (ax1, ax2):

@@ -39,7 +39,7 @@ class BenchModel(nn.Module):
 
     cls: global-average-pooled last stage -> linear. seg: an FPN over every output, the levels summed at the finest
     scale, a 1x1 classifier, per-pixel cross-entropy (a semantic-FPN head: dense, multi-scale, cheap).
-    det is not built here: it is the VOC task's torchvision RetinaNet (`build_model`).
+    coco and voc are not built here: they are the tasks' own detectors (`build_model`).
     """
 
     def __init__(self, backbone: nn.Module, task: str, num_classes: int = 100):
@@ -62,12 +62,28 @@ class BenchModel(nn.Module):
         return {"loss": F.cross_entropy(logits.float(), batch["masks"])}
 
 
-def build_model(spec: "BenchSpec", method: str, opts: dict[str, Any]) -> nn.Module:
-    """The model every method shares but for its backbone method: a BenchModel, or RetinaNet for det."""
-    if spec.task == "det":
-        from ..tasks.voc import build_retinanet  # torchvision RetinaNet over Swin stages 1-3, as the VOC recipe
+# Per task: (backbone, (H, W), classes) of the papers' memory tables (V-PETL: COCO Cascade Mask R-CNN Swin-B at
+# 1333x800, VOC RetinaNet Swin-L at 1000x600); a light head's defaults otherwise.
+TASK_DEFAULTS = {
+    "cls": ("swin_base_patch4_window7_224", (224, 224), 100),
+    "seg": ("swin_base_patch4_window7_224", (224, 224), 100),
+    "coco": ("swin_base_patch4_window7_224", (800, 1333), 80),
+    "voc": ("swin_large_patch4_window7_224", (600, 1000), 20),
+}
+DETECTION = ("coco", "voc")
 
-        return build_retinanet(spec.backbone, method, spec.num_classes, **opts)
+
+def build_model(spec: "BenchSpec", method: str, opts: dict[str, Any]) -> nn.Module:
+    """The model every method shares but for its backbone method: a BenchModel, or the task's own detector
+    (coco: mmdet Cascade Mask R-CNN, voc: mmdet RetinaNet over Swin stages 1-3), with the recipe's heads."""
+    if spec.task == "coco":
+        from ..tasks.coco import build_cascade
+
+        return build_cascade(spec.backbone, method, spec.num_classes, method_options=opts)
+    if spec.task == "voc":
+        from ..tasks.voc import build_retinanet
+
+        return build_retinanet(spec.backbone, method, spec.num_classes, method_options=opts)
     outs = (-1,) if spec.task == "cls" else None  # a classifier reads the last stage only
     return BenchModel(build_backbone(spec.backbone, method, out_indices=outs, **opts), spec.task, spec.num_classes)
 
@@ -84,7 +100,7 @@ class BenchSpec:
     methods: list[str]
     task: str = "cls"
     batch_size: int = 2
-    img_size: int | tuple[int, int] = 224  # square side, or (width, height)
+    img_size: int | tuple[int, int] = 224  # a side, or (H, W)
     steps: int = 10
     warmup: int = 2
     engine: str = "ddp"
@@ -93,6 +109,10 @@ class BenchSpec:
     precision: str = "fp32"
     num_classes: int = 100
     seed: int = 0
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
 
 
 @dataclass
@@ -105,15 +125,21 @@ class MethodRun:
 
 def make_batch(spec: BenchSpec, device: torch.device) -> dict[str, Any]:
     g = torch.Generator().manual_seed(spec.seed)
-    w, h = (spec.img_size, spec.img_size) if isinstance(spec.img_size, int) else spec.img_size
+    h, w = spec.hw
     images = torch.randn(spec.batch_size, 3, h, w, generator=g)
-    if spec.task == "det":  # 4 boxes per image, torchvision's list-of-images/targets format
-        targets, wh_scale = [], torch.tensor([w, h], dtype=torch.float32)
+    if spec.task in DETECTION:  # 4 objects per image in the detection batch format; coco adds instance masks
+        targets = []
+        size = torch.tensor([w, h], dtype=torch.float32)
         for _ in range(spec.batch_size):
-            xy = torch.rand(4, 2, generator=g) * wh_scale * 0.6
-            wh = (torch.rand(4, 2, generator=g) * 0.3 + 0.1) * wh_scale
-            targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
-                            "labels": torch.randint(1, spec.num_classes + 1, (4,), generator=g).to(device)})
+            xy = torch.rand(4, 2, generator=g) * size * 0.6
+            boxes = torch.cat([xy, xy + (torch.rand(4, 2, generator=g) * 0.3 + 0.1) * size], 1)
+            t = {"boxes": boxes.to(device), "labels": torch.randint(1, spec.num_classes + 1, (4,), generator=g).to(device)}
+            if spec.task == "coco":
+                masks = torch.zeros(4, h, w, dtype=torch.uint8)
+                for k, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+                    masks[k, y1:y2, x1:x2] = 1
+                t["masks"] = masks.to(device)
+            targets.append(t)
         return {"images": list(images.to(device)), "targets": targets}
     if spec.task == "cls":
         target = {"labels": torch.randint(spec.num_classes, (spec.batch_size,), generator=g)}
@@ -211,7 +237,7 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
 def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> list[dict]:
     batch = make_batch(spec, device)
     runs = [MethodRun(label, None, measure_memory(spec, label, batch, device, world_size)) for label in spec.methods]
-    for r in runs:
+    for r in runs if spec.steps > 0 else []:  # steps 0: memory only (a paper-size detector on a CPU)
         r.engine = _build(spec, r.label, device, world_size)[1]
 
     for i in range(spec.steps):  # interleaved timing, order rotated each round
@@ -225,16 +251,17 @@ def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> lis
     rows = []
     for r in runs:
         ts = sorted(r.times)
-        median = statistics.median(ts)
+        median = statistics.median(ts) if ts else None
         r.row.update(
             step_time_s=median,
-            step_time_p10_s=ts[int(0.1 * (len(ts) - 1))],
-            step_time_p90_s=ts[math.ceil(0.9 * (len(ts) - 1))],
-            images_per_s=spec.batch_size * world_size / median,
+            step_time_p10_s=ts[int(0.1 * (len(ts) - 1))] if ts else None,
+            step_time_p90_s=ts[math.ceil(0.9 * (len(ts) - 1))] if ts else None,
+            images_per_s=spec.batch_size * world_size / median if ts else None,
         )
         rows.append(r.row)
-        r.engine.release()
-        r.engine = None
+        if r.engine is not None:
+            r.engine.release()
+            r.engine = None
     _free(device)
     add_ratios(rows)
     return rows
@@ -249,4 +276,4 @@ def add_ratios(rows: list[dict]) -> None:
         for r in rows:
             for key, short in (("peak_mem_bytes", "peak"), ("step_time_s", "time"), ("saved_activation_bytes", "saved")):
                 base = by[ref][key]
-                r[f"{short}_vs_{ref}"] = r[key] / base if base else None
+                r[f"{short}_vs_{ref}"] = r[key] / base if base and r[key] is not None else None

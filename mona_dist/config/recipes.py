@@ -5,7 +5,8 @@ units, and its source file in GitHub `Leiyi-Hu/mona` (or the upstream OpenMMLab 
 marked so). `stated` says how the official file spells the value where the form differs (epochs of a repeated
 dataset, GPUs x images). `table()` renders them against the shipped configs; `mona-dist recipes` prints it and
 tests/config/test_recipes.py checks both that every value equals the official one and that README holds this table.
-Values a config cannot express (detector type, frozen stages) are listed in README under the table, not here.
+Values a config cannot express (frozen stages, norm layers) are listed in README under the table, not here;
+the detectors themselves are the official configs, built in tasks/coco.py and tasks/voc.py.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _coco() -> Recipe:
         Fact("train.log_interval", 50, "mmdet 2.x configs/_base_/default_runtime.py (inherited)"),
     )
     swin_l = "ours: the Swin-L variant (the official COCO configs are Swin-B)"
-    return Recipe("COCO (Cascade Mask R-CNN in the official runs; Mask R-CNN here)",
+    return Recipe("COCO (Cascade Mask R-CNN)",
                   {m: f"coco_{m}_swin_b.yaml" for m in files}, files, 16, facts,
                   variants={f"coco_{m}_swin_l.yaml": m for m in files},
                   deviations={"model.backbone": swin_l, "model.pretrained": swin_l})

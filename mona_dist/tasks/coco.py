@@ -1,9 +1,17 @@
-"""COCO instance segmentation: torchvision Mask R-CNN + FPN on a mona_dist backbone, box/mask AP by pycocotools.
+"""COCO instance segmentation: mmdet's Cascade Mask R-CNN on a mona_dist backbone, box/mask AP by pycocotools.
 
-The papers ran mmdet's Cascade Mask R-CNN, which does not build on current torch (mmcv's compiled ops); this is
-torchvision's Mask R-CNN with the same FPN (P2-P5 + max-pool P6) over the four backbone stages. Evaluation maps
-each prediction back to the original image (`orig_size`), turns labels into COCO category ids and masks into RLE,
-gathers every rank's detections on rank 0 and scores them with `COCOeval` against the raw COCO records.
+The model is the official Mona COCO config (`Swin-Transformer-Object-Detection/mona_configs/swin-b_coco/
+cascade_mask_swin_base_3x_coco_sample_1_bs_16_*.py` over the Swin fork's `cascade_mask_rcnn_swin_fpn.py`), built
+through mmdet 3.3's registry: FPN (P2-P6, max-pool P6) over the 4 backbone stages; RPN (one anchor scale 8,
+ratios 0.5/1/2, strides 4-64; sigmoid CE + SmoothL1 beta 1/9); a 3-stage CascadeRoIHead (stage weights 1/0.5/0.25,
+IoU 0.5/0.6/0.7) whose box heads are `ConvFCBBoxHead` 4 convs + 1 fc with SyncBN, class-specific GIoU x10 on
+decoded boxes (target stds 0.1/0.05/0.033 ... ) and softmax CE, one FCNMaskHead (4 convs, 28x28 targets) per
+stage; RoIAlign 7 / 14, sampling ratio 0, aligned. SyncBN is a CUDA op: `norm="auto"` uses BN on CPU. Keys of
+mmdet 2.x that mmdet 3.x dropped (`nms_post`, `nms_across_levels`) are left out; `max_per_img` carries the value.
+
+Evaluation maps each prediction back to the original image (`orig_size`), turns labels into COCO category ids and
+masks into RLE, gathers every rank's detections on rank 0 and scores them with `COCOeval` against the raw COCO
+records, as the official `evaluation = dict(metric=['bbox', 'segm'])`.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import contextlib
 import functools
 import io
 import json
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,83 +28,127 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from pydantic import BaseModel, ConfigDict, Field
-from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..data.preprocess import DataPreprocessor
-from ..models import build_backbone
-from .base import Task, register_task, unwrap
+from .base import Task, register_task
 from .heads import class_count
-from .heads.detection import Detector, gather_to_main, predict_dataset
-from .heads.fpn import FPNBackbone
+from .heads.mmdet_detector import MMDetDetector, backbone_config, build_detector, gather_to_main, predict_dataset
+from .heads.pyramid import needs_pyramid
 
 
 class CocoHeadOptions(BaseModel):
-    """`model.head` of a coco config. Defaults are torchvision's Mask R-CNN (the widths shrink for CPU runs)."""
+    """`model.head` of a coco config. Defaults are the official Cascade Mask R-CNN (the widths shrink for CPU)."""
 
     model_config = ConfigDict(extra="forbid")
 
     fpn_channels: int = Field(256, gt=0)
-    anchor_base: int = Field(32, gt=0)  # RPN anchor size on P2, doubling per level, aspect ratios 0.5/1/2
-    representation_size: int = Field(1024, gt=0)  # box head MLP width
-    mask_channels: int = Field(256, gt=0)  # mask head conv width
-    rpn_post_nms_train: int = Field(2000, gt=0)  # proposals kept per image
-    rpn_post_nms_test: int = Field(1000, gt=0)
-    box_batch_size_per_image: int = Field(512, gt=0)  # sampled RoIs per image for the box loss
-    score_thresh: float = Field(0.05, ge=0.0, le=1.0)  # as mmdet's test_cfg
+    anchor_scale: int = Field(8, gt=0)  # RPN anchor side = scale x stride (4, 8, ..., 64)
+    conv_channels: int = Field(256, gt=0)  # ConvFCBBoxHead's 4 shared convs
+    fc_channels: int = Field(1024, gt=0)  # its shared fc
+    mask_channels: int = Field(256, gt=0)  # FCNMaskHead's 4 convs
+    rpn_proposals_train: int = Field(2000, gt=0)  # nms_pre per level and max_per_img
+    rpn_proposals_test: int = Field(1000, gt=0)
+    rcnn_samples: int = Field(512, gt=0)  # sampled RoIs per image and stage (a quarter positive at most)
+    # SyncBN in the box heads is the recipe; torch's SyncBatchNorm is CUDA-only, so "auto" uses BN on CPU.
+    norm: Literal["auto", "SyncBN", "BN"] = "auto"
+    score_thresh: float = Field(0.05, ge=0.0, le=1.0)
     detections_per_img: int = Field(100, gt=0)
-    mask_thresh: float = Field(0.5, gt=0.0, lt=1.0)  # binarises pasted mask probabilities for RLE
+    mask_thresh: float = Field(0.5, gt=0.0, lt=1.0)  # binarises pasted mask probabilities (mask_thr_binary)
 
 
-def build_mask_rcnn(
+STAGE_IOUS = (0.5, 0.6, 0.7)
+STAGE_STDS = ([0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067])
+
+
+def cascade_config(backbone: dict, channels: list[int], strides: list[int], num_classes: int,
+                   head: CocoHeadOptions) -> dict:
+    """The mmdet CascadeRCNN config: what the official config file reads, in mmdet 3.x keys."""
+    if len(channels) != 4:
+        raise ValueError(f"Cascade Mask R-CNN's FPN needs 4 backbone outputs, got {len(channels)} (model.out_indices)")
+    c = head.fpn_channels
+    norm = head.norm if head.norm != "auto" else ("SyncBN" if torch.cuda.is_available() else "BN")
+    fpn = dict(type="FPN", in_channels=channels, out_channels=c, num_outs=5)
+    neck = [dict(type="mmseg.SimpleFeaturePyramid", in_channels=channels, in_stride=strides[0]), fpn] \
+        if needs_pyramid(strides) else fpn
+    box_heads = [dict(
+        type="ConvFCBBoxHead", num_shared_convs=4, num_shared_fcs=1, in_channels=c, conv_out_channels=head.conv_channels,
+        fc_out_channels=head.fc_channels, roi_feat_size=7, num_classes=num_classes,
+        bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=stds),
+        reg_class_agnostic=False, reg_decoded_bbox=True, norm_cfg=dict(type=norm, requires_grad=True),
+        loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+        loss_bbox=dict(type="GIoULoss", loss_weight=10.0)) for stds in STAGE_STDS]
+    rcnn_train = [dict(
+        assigner=dict(type="MaxIoUAssigner", pos_iou_thr=iou, neg_iou_thr=iou, min_pos_iou=iou,
+                      match_low_quality=False, ignore_iof_thr=-1),
+        sampler=dict(type="RandomSampler", num=head.rcnn_samples, pos_fraction=0.25, neg_pos_ub=-1,
+                     add_gt_as_proposals=True),
+        mask_size=28, pos_weight=-1, debug=False) for iou in STAGE_IOUS]
+    nms = dict(type="nms", iou_threshold=0.7)
+    return dict(
+        type="CascadeRCNN",
+        backbone=backbone,
+        neck=neck,
+        rpn_head=dict(
+            type="RPNHead", in_channels=c, feat_channels=c,
+            anchor_generator=dict(type="AnchorGenerator", scales=[head.anchor_scale], ratios=[0.5, 1.0, 2.0],
+                                  strides=[4, 8, 16, 32, 64]),
+            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
+            loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
+            loss_bbox=dict(type="SmoothL1Loss", beta=1.0 / 9.0, loss_weight=1.0)),
+        roi_head=dict(
+            type="CascadeRoIHead", num_stages=3, stage_loss_weights=[1, 0.5, 0.25],
+            bbox_roi_extractor=dict(type="SingleRoIExtractor", out_channels=c, featmap_strides=[4, 8, 16, 32],
+                                    roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0)),
+            bbox_head=box_heads,
+            mask_roi_extractor=dict(type="SingleRoIExtractor", out_channels=c, featmap_strides=[4, 8, 16, 32],
+                                    roi_layer=dict(type="RoIAlign", output_size=14, sampling_ratio=0)),
+            mask_head=dict(type="FCNMaskHead", num_convs=4, in_channels=c, conv_out_channels=head.mask_channels,
+                           num_classes=num_classes,
+                           loss_mask=dict(type="CrossEntropyLoss", use_mask=True, loss_weight=1.0))),
+        train_cfg=dict(
+            rpn=dict(
+                assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
+                              match_low_quality=True, ignore_iof_thr=-1),
+                sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1,
+                             add_gt_as_proposals=False),
+                allowed_border=0, pos_weight=-1, debug=False),
+            rpn_proposal=dict(nms_pre=head.rpn_proposals_train, max_per_img=head.rpn_proposals_train, nms=nms,
+                              min_bbox_size=0),
+            rcnn=rcnn_train),
+        test_cfg=dict(
+            rpn=dict(nms_pre=head.rpn_proposals_test, max_per_img=head.rpn_proposals_test, nms=nms, min_bbox_size=0),
+            rcnn=dict(score_thr=head.score_thresh, nms=dict(type="nms", iou_threshold=0.5),
+                      max_per_img=head.detections_per_img, mask_thr_binary=head.mask_thresh)),
+    )
+
+
+def build_cascade(
     backbone: str,
     method: str,
     num_classes: int,
     head: CocoHeadOptions | dict | None = None,
     preprocessor: DataPreprocessor | None = None,
     **backbone_kwargs,
-) -> Detector:
-    """Mask R-CNN for `num_classes` object classes (labels 1..K; torchvision adds background 0)."""
+) -> MMDetDetector:
+    """Cascade Mask R-CNN for `num_classes` object classes (our labels 1..K; mmdet's 0..K-1 inside)."""
     head = head if isinstance(head, CocoHeadOptions) else CocoHeadOptions.model_validate(head or {})
-    body = build_backbone(backbone, method, **backbone_kwargs)
-    if len(body.out_channels) != 4:
-        raise ValueError(f"Mask R-CNN's FPN needs 4 backbone outputs, {backbone} gives {len(body.out_channels)}")
-    c = head.fpn_channels
-    fpn = FPNBackbone(body, levels=(0, 1, 2, 3), out_channels=c, extra=LastLevelMaxPool())
-    model = MaskRCNN(
-        fpn,
-        num_classes=None,  # given by the predictors below
-        rpn_anchor_generator=AnchorGenerator(
-            tuple((head.anchor_base * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5
-        ),
-        rpn_post_nms_top_n_train=head.rpn_post_nms_train,
-        rpn_post_nms_top_n_test=head.rpn_post_nms_test,
-        box_batch_size_per_image=head.box_batch_size_per_image,
-        box_head=TwoMLPHead(c * 7 * 7, head.representation_size),
-        box_predictor=FastRCNNPredictor(head.representation_size, num_classes + 1),
-        mask_head=MaskRCNNHeads(c, [head.mask_channels] * 4, dilation=1),
-        mask_predictor=MaskRCNNPredictor(head.mask_channels, head.mask_channels, num_classes + 1),
-        box_score_thresh=head.score_thresh,
-        box_detections_per_img=head.detections_per_img,
-    )
-    return Detector(model, mask_thresh=head.mask_thresh, preprocessor=preprocessor)
+    bb, channels, strides = backbone_config(backbone, method, **backbone_kwargs)
+    return MMDetDetector(build_detector(cascade_config(bb, channels, strides, num_classes, head)), preprocessor)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
 
-def to_coco_results(pred: dict, image_id: int, category_ids: list[int], mask_thresh: float = 0.5) -> list[dict]:
-    """One image's predictions (original pixels, labels 1..K) -> COCO result records with RLE masks."""
+def to_coco_results(pred: dict, image_id: int, category_ids: list[int]) -> list[dict]:
+    """One image's predictions (original pixels, labels 1..K, binary masks (N, H0, W0)) -> COCO result records
+    with RLE masks."""
     boxes = pred["boxes"].detach().float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     scores = pred["scores"].detach().float().cpu().tolist()
     cats = [category_ids[int(c) - 1] for c in pred["labels"].cpu()]
     rles: list[dict | None] = [None] * len(scores)
     if "masks" in pred and len(scores):
-        binary = (pred["masks"][:, 0] > mask_thresh).to(torch.uint8).cpu().numpy()
+        binary = pred["masks"].to(torch.uint8).cpu().numpy()
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
         for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")  # JSON/pickle friendly, as COCO result files store it
@@ -163,7 +216,6 @@ def evaluate_coco(
     loader,
     gt: COCO | dict | None,
     category_ids: list[int],
-    mask_thresh: float = 0.5,
     iou_types: tuple[str, ...] = ("bbox", "segm"),
 ) -> dict[str, float]:
     """Every rank predicts its share; rank 0 gathers all results and runs COCOeval (other ranks return {}).
@@ -173,7 +225,7 @@ def evaluate_coco(
     mine = [
         rec
         for target, pred, _ in predict_dataset(model, loader)
-        for rec in to_coco_results(pred, int(target["image_id"]), category_ids, mask_thresh)
+        for rec in to_coco_results(pred, int(target["image_id"]), category_ids)
     ]
     gathered = gather_to_main(mine)
     if gathered is None:
@@ -203,17 +255,16 @@ class CocoTask(Task):
         super().check(cfg)
         class_count(cfg)
 
-    def build_model(self, cfg) -> Detector:
+    def build_model(self, cfg) -> MMDetDetector:
         m = cfg.model
-        return build_mask_rcnn(
+        return build_cascade(
             m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
-            drop_path_rate=m.drop_path_rate, out_indices=tuple(m.out_indices) if m.out_indices else None,
-            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg), **m.method_options,
+            drop_path_rate=m.drop_path_rate, out_indices=m.out_indices, method_options=m.method_options,
+            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg),
         )
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:
         categories = loader.shards.classes
         if not categories:
             raise ValueError(f"{loader.shards.spec}: the val shards' index has no COCO category list")
-        thresh = getattr(unwrap(model, Detector), "mask_thresh", 0.5)
-        return evaluate_coco(model, loader, None, [c["id"] for c in categories], thresh)
+        return evaluate_coco(model, loader, None, [c["id"] for c in categories])

@@ -20,10 +20,10 @@ from mmengine.model import BaseModule
 
 from ..models import BACKBONES, build_backbone
 from .heads.pyramid import SimpleFeaturePyramid
-from . import mmseg_compat
+from . import mmcv_compat
 
-mmseg_compat.install()
-from mmseg.registry import MODELS  # noqa: E402  (after the shim, in case this pulls in mmseg.models)
+mmcv_compat.install()
+from mmseg.registry import MODELS  # noqa: E402  (after mmcv's kernels, in case this pulls in mmseg.models)
 
 
 class _MonaBackbone(BaseModule):

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.preprocess import DataPreprocessor
 from ..models import BACKBONES, build_backbone
-from . import mmseg_compat
+from . import mmcv_compat
 from .base import Task, register_task, scored_batches, unwrap
 from .heads import class_count
 from .heads.pyramid import needs_pyramid
@@ -182,7 +182,7 @@ def build_segmentor(
 ) -> SegModel:
     """UperNet (+ aux FCN head) on `backbone` tuned by `method`, built through mmseg's registry."""
     head = head if isinstance(head, SegHeadOptions) else SegHeadOptions.model_validate(head or {})
-    mmseg_compat.import_mmseg_models()
+    mmcv_compat.import_models("mmseg")
     from mmseg.registry import MODELS
 
     from . import mmseg_registry  # noqa: F401  (registers MonaSwin / MonaViT / SimpleFeaturePyramid)

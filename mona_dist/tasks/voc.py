@@ -1,48 +1,74 @@
-"""Pascal VOC detection: torchvision RetinaNet + FPN (P3-P7) on a mona_dist backbone, VOC07 11-point mAP.
+"""Pascal VOC detection: mmdet's RetinaNet on a mona_dist backbone (stages 1-3), VOC07 11-point mAP.
 
-As the papers' mmdet RetinaNet: the FPN takes backbone stages 1-3 (strides 8/16/32) and adds P6/P7 from the last
-input map (torchvision's LastLevelP6P7 uses C5 whenever its width differs from the FPN's, mmdet's
-`add_extra_convs='on_input'`). The metric follows the VOC devkit's VOC2007 protocol: per class, detections sorted
-by score are matched greedily to unmatched ground truth at IoU >= 0.5; a match with a `difficult` box counts as
-neither true nor false positive and difficult boxes are not in the recall denominator; AP is the mean over recall
-t in {0, 0.1, ..., 1} of the highest precision at recall >= t. mAP averages the classes that have ground truth.
-Boxes are continuous pixel coordinates (no devkit "+1"), so IoU is plain area overlap.
+The model is the official Mona VOC config (`Swin-Transformer-Object-Detection/mona_configs/swin-l_voc/
+voc_retinanet_swin_large_1x_*.py`), built through mmdet 3.3's registry: FPN over Swin stages 1-3 (strides
+8/16/32, start_level 0) plus P6/P7 from the last input map (`add_extra_convs='on_input'`); RetinaHead with 4
+stacked convs, anchors octave base 4 x 3 scales x ratios 0.5/1/2 on strides 8-128, focal loss (gamma 2, alpha
+0.25) and L1 on deltas; MaxIoUAssigner 0.5 / 0.4; test nms_pre 1000, score 0.05, NMS 0.5, 100 per image.
+
+The metric is the official one: mmdet 2.11's `VOCDataset.evaluate(metric='mAP')` on VOC2007 test, which is
+`eval_map(..., iou_thr=0.5, dataset='voc07')` -- `tpfp_default` matching and the 11-point AP, in plain pixel
+coordinates (no devkit "+1": mmdet 2.x dropped it; mmdet 3.x's VOCMetric puts it back, `use_legacy_coordinate`).
+`voc_map` follows it step by step (tests/tasks/test_voc.py holds it against mmdet 3.3's `eval_map`, which keeps
+the same arithmetic with `use_legacy_coordinate=False, eval_mode='11points'`): per class and image, detections in
+score order take the ground-truth box of highest IoU (difficult boxes, mmdet's `bboxes_ignore`, listed after the
+others) if IoU >= 0.5; a difficult or an already matched box makes the detection neither / a false positive;
+detections of all images are then ranked by score, and AP is the mean over recall thresholds 0, 0.1, ..., 1 of
+the highest precision at a recall at least that. mAP averages the classes with ground truth.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
-from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import box_iou
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..data.preprocess import DataPreprocessor
-from ..models import BACKBONES, build_backbone
+from ..data.preprocess import DataPreprocessor, resize_target
+from ..models import BACKBONES
 from .base import Task, register_task
 from .heads import class_count
-from .heads.detection import Detector, gather_to_main, predict_dataset
-from .heads.fpn import FPNBackbone
+from .heads.mmdet_detector import MMDetDetector, backbone_config, build_detector, gather_to_main, predict_dataset
 
 
 class VocHeadOptions(BaseModel):
-    """`model.head` of a voc config; everything else is torchvision's RetinaNet default."""
+    """`model.head` of a voc config. Defaults are the official RetinaNet (the widths shrink for CPU runs)."""
 
     model_config = ConfigDict(extra="forbid")
 
     fpn_channels: int = Field(256, gt=0)
-    anchor_base: int = Field(32, gt=0)  # anchor size on P3, doubling per level (mmdet: octave base 4 x stride 8)
-    # GroupNorm(32) in the head towers (torchvision's RetinaNet v2); off in the papers' mmdet RetinaNet.
+    feat_channels: int = Field(256, gt=0)  # the head towers' width
+    stacked_convs: int = Field(4, ge=0)
+    octave_base_scale: int = Field(4, gt=0)  # anchor side = octave_base_scale x stride x 2^(k/3), k = 0, 1, 2
+    # GroupNorm(32) in the head towers; off in the papers' RetinaNet (the CPU config turns it on to learn fast).
     group_norm: bool = False
-    score_thresh: float = Field(0.05, ge=0.0, le=1.0)  # as mmdet's test_cfg
+    nms_pre: int = Field(1000, gt=0)
+    score_thresh: float = Field(0.05, ge=0.0, le=1.0)
     detections_per_img: int = Field(100, gt=0)
+
+
+def retinanet_config(backbone: dict, channels: list[int], num_classes: int, head: VocHeadOptions) -> dict:
+    """The mmdet RetinaNet config: what the official config file reads, in mmdet 3.x keys."""
+    c = head.fpn_channels
+    norm = dict(norm_cfg=dict(type="GN", num_groups=32, requires_grad=True)) if head.group_norm else {}
+    return dict(
+        type="RetinaNet",
+        backbone=backbone,
+        neck=dict(type="FPN", in_channels=channels, out_channels=c, start_level=0, add_extra_convs="on_input",
+                  num_outs=5),
+        bbox_head=dict(
+            type="RetinaHead", num_classes=num_classes, in_channels=c, stacked_convs=head.stacked_convs,
+            feat_channels=head.feat_channels, **norm,
+            anchor_generator=dict(type="AnchorGenerator", octave_base_scale=head.octave_base_scale,
+                                  scales_per_octave=3, ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128]),
+            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
+            loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+            loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
+        train_cfg=dict(
+            assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0, ignore_iof_thr=-1),
+            allowed_border=-1, pos_weight=-1, debug=False),
+        test_cfg=dict(nms_pre=head.nms_pre, min_bbox_size=0, score_thr=head.score_thresh,
+                      nms=dict(type="nms", iou_threshold=0.5), max_per_img=head.detections_per_img),
+    )
 
 
 def build_retinanet(
@@ -52,41 +78,64 @@ def build_retinanet(
     head: VocHeadOptions | dict | None = None,
     preprocessor: DataPreprocessor | None = None,
     **backbone_kwargs,
-) -> Detector:
-    """RetinaNet for `num_classes` object classes (labels 1..K; index 0 stays unused, as torchvision counts)."""
+) -> MMDetDetector:
+    """RetinaNet for `num_classes` object classes (our labels 1..K; mmdet's 0..K-1 inside) on Swin stages 1-3."""
     head = head if isinstance(head, VocHeadOptions) else VocHeadOptions.model_validate(head or {})
     if not BACKBONES.get(backbone).timm_name.startswith("swin"):
         raise ValueError(f"RetinaNet takes a Swin backbone (stages 1-3), got {backbone!r}")
     # Only stages 1-3 leave the backbone: stage 0's output norm would be an unused parameter under DDP.
-    backbone_kwargs.setdefault("out_indices", (1, 2, 3))
-    body = build_backbone(backbone, method, **backbone_kwargs)
-    if len(body.out_channels) != 3:
-        raise ValueError(f"RetinaNet's FPN takes 3 Swin stages (out_indices 1-3), got {len(body.out_channels)}")
-    # P6/P7 from the last FPN input (C5), as mmdet's add_extra_convs="on_input".
-    extra = LastLevelP6P7(body.out_channels[-1], head.fpn_channels)
-    fpn = FPNBackbone(body, levels=(0, 1, 2), out_channels=head.fpn_channels, extra=extra)
-    base_sizes = [head.anchor_base * 2**i for i in range(5)]  # P3..P7, 3 scales per octave, 3 aspect ratios
-    sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in base_sizes)  # torchvision's rounding
-    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-    norm = partial(nn.GroupNorm, 32) if head.group_norm else None
-    model = RetinaNet(
-        fpn,
-        anchor_generator=anchors,
-        head=RetinaNetHead(head.fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1, norm_layer=norm),
-        num_classes=num_classes + 1,
-        score_thresh=head.score_thresh,
-        detections_per_img=head.detections_per_img,
-    )
-    return Detector(model, preprocessor=preprocessor)
+    backbone_kwargs["out_indices"] = backbone_kwargs.get("out_indices") or (1, 2, 3)
+    bb, channels, _ = backbone_config(backbone, method, **backbone_kwargs)
+    if len(channels) != 3:
+        raise ValueError(f"RetinaNet's FPN takes 3 Swin stages (out_indices 1-3), got {len(channels)}")
+    return MMDetDetector(build_detector(retinanet_config(bb, channels, num_classes, head)), preprocessor)
 
 
-# ---- VOC07 mAP --------------------------------------------------------------------------------------------------
+# ---- VOC07 mAP (mmdet 2.11 eval_map, dataset='voc07') ------------------------------------------------------------
+
+_EPS = np.finfo(np.float32).eps
+
+
+def box_overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU (n, m) of xyxy boxes in float32, widths x2 - x1 (mmdet's `bbox_overlaps`, union floored at 1e-6)."""
+    a, b = a.astype(np.float32).reshape(-1, 4), b.astype(np.float32).reshape(-1, 4)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    w = np.maximum(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0)
+    h = np.maximum(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0)
+    overlap = w * h
+    return overlap / np.maximum(area_a[:, None] + area_b[None, :] - overlap, np.float32(1e-6))
+
+
+def _tp_fp(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, ignore: np.ndarray, iou_thresh: float):
+    """One image, one class: (tp, fp) per detection, in the detections' own order (mmdet's `tpfp_default`)."""
+    tp, fp = np.zeros(len(boxes), np.float32), np.zeros(len(boxes), np.float32)
+    if len(gt) == 0:
+        fp[:] = 1
+        return tp, fp
+    ious = box_overlaps(boxes, gt)
+    best, which = ious.max(axis=1), ious.argmax(axis=1)
+    covered = np.zeros(len(gt), dtype=bool)
+    for i in np.argsort(-scores):
+        if best[i] >= iou_thresh:
+            j = which[i]
+            if not ignore[j]:
+                if covered[j]:
+                    fp[i] = 1
+                else:
+                    covered[j], tp[i] = True, 1
+        else:
+            fp[i] = 1
+    return tp, fp
 
 
 def voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """11-point interpolated AP (VOC2007 devkit)."""
-    points = [precision[recall >= t].max() if (recall >= t).any() else 0.0 for t in np.linspace(0, 1, 11)]
-    return float(np.mean(points))
+    """11-point interpolated AP, as mmdet's `average_precision(mode='11points')` (its thresholds, float32 sum)."""
+    ap = np.float32(0)
+    for t in np.arange(0, 1 + 1e-3, 0.1):
+        kept = precision[recall >= t]
+        ap += kept.max() if kept.size > 0 else 0
+    return float(np.float32(ap / 11))
 
 
 def voc_map(detections: list[dict], ground_truth: list[dict], num_classes: int, iou_thresh: float = 0.5) -> dict:
@@ -97,37 +146,21 @@ def voc_map(detections: list[dict], ground_truth: list[dict], num_classes: int, 
     """
     aps = {}
     for c in range(1, num_classes + 1):
-        gts = [(g["boxes"][g["labels"] == c], g["difficult"][g["labels"] == c]) for g in ground_truth]
-        npos = sum(int((~d).sum()) for _, d in gts)
+        tps, fps, scores, npos = [], [], [], 0
+        for d, g in zip(detections, ground_truth):
+            mine, hard = g["labels"] == c, np.asarray(g["difficult"], dtype=bool)
+            gt = np.concatenate([g["boxes"][mine & ~hard], g["boxes"][mine & hard]]).reshape(-1, 4)
+            ignore = np.arange(len(gt)) >= int((mine & ~hard).sum())
+            npos += int((mine & ~hard).sum())
+            sel = d["labels"] == c
+            tp, fp = _tp_fp(d["boxes"][sel], d["scores"][sel], gt, ignore, iou_thresh)
+            tps.append(tp), fps.append(fp), scores.append(np.asarray(d["scores"][sel], dtype=np.float32))
         if npos == 0:
             continue
-        cand = [
-            (float(s), i, b)
-            for i, d in enumerate(detections)
-            for s, b in zip(d["scores"][d["labels"] == c], d["boxes"][d["labels"] == c])
-        ]
-        cand.sort(key=lambda x: -x[0])
-        used = [np.zeros(len(b), dtype=bool) for b, _ in gts]
-        tp, fp = np.zeros(len(cand)), np.zeros(len(cand))
-        for k, (_, i, box) in enumerate(cand):
-            gt_boxes, difficult = gts[i]
-            if len(gt_boxes) == 0:
-                fp[k] = 1
-                continue
-            ious = box_iou(torch.as_tensor(box[None]).double(), torch.as_tensor(gt_boxes).double())[0]
-            j = int(ious.argmax())
-            if ious[j] < iou_thresh:
-                fp[k] = 1
-            elif not difficult[j]:
-                if used[i][j]:
-                    fp[k] = 1
-                else:
-                    tp[k], used[i][j] = 1, True
-        tp, fp = np.cumsum(tp), np.cumsum(fp)
-        recall = tp / npos
-        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-        aps[c] = voc07_ap(recall, precision)
-    mean = float(np.mean(list(aps.values()))) * 100 if aps else 0.0
+        order = np.argsort(-np.concatenate(scores))
+        tp, fp = np.cumsum(np.concatenate(tps)[order]), np.cumsum(np.concatenate(fps)[order])
+        aps[c] = voc07_ap(tp / np.maximum(npos, _EPS), tp / np.maximum(tp + fp, _EPS))
+    mean = float(np.array(list(aps.values()), dtype=np.float32).mean()) * 100 if aps else 0.0
     return {"eval/voc_mAP": mean, "ap_per_class": aps}
 
 
@@ -142,7 +175,7 @@ def evaluate_voc(model, loader, num_classes: int, iou_thresh: float = 0.5) -> di
     for target, pred, size in predict_dataset(model, loader):
         # Ground truth comes in the pixels of the image as loaded, predictions in the original's: score at the original.
         orig = tuple(int(v) for v in target["orig_size"])
-        gt_boxes = resize_boxes(target["boxes"].float(), size, orig)
+        gt_boxes = resize_target({"boxes": target["boxes"].float()}, size, orig)["boxes"]
         gt = {"boxes": gt_boxes.cpu().numpy(), "labels": target["labels"].cpu().numpy()}
         gt["difficult"] = target["difficult"].cpu().numpy().astype(bool)
         mine.append((_numpy(pred, ("boxes", "scores", "labels")), gt))
@@ -163,12 +196,12 @@ class VocTask(Task):
         super().check(cfg)
         class_count(cfg)
 
-    def build_model(self, cfg) -> Detector:
+    def build_model(self, cfg) -> MMDetDetector:
         m = cfg.model
         return build_retinanet(
             m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
-            drop_path_rate=m.drop_path_rate, out_indices=tuple(m.out_indices) if m.out_indices else (1, 2, 3),
-            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg), **m.method_options,
+            drop_path_rate=m.drop_path_rate, out_indices=m.out_indices, method_options=m.method_options,
+            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg),
         )
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:

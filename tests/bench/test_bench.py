@@ -99,18 +99,41 @@ def test_two_rank_zero3_holds_less_model_state_per_rank_than_zero0(tmp_path):
         assert z3[method]["model_state_estimate_bytes"] < z0[method]["model_state_estimate_bytes"]
 
 
-def test_det_benchmarks_a_real_retinanet():
-    from torchvision.models.detection import RetinaNet
-
+@pytest.mark.parametrize("task, detector", [("voc", "RetinaNet"), ("coco", "CascadeRCNN")])
+def test_coco_and_voc_benchmark_the_tasks_own_mmdet_detectors(task, detector, tmp_path):
     from mona_dist.bench.runner import build_model
 
-    spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=["fixed", "e3va:lora_fa=true"], task="det",
-                     batch_size=1, img_size=64, steps=1, warmup=0, num_classes=20)
-    assert isinstance(build_model(spec, "fixed", {}).detector, RetinaNet)
-    fixed, e3va = run_bench(spec, torch.device("cpu"))
+    spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=["full", "fixed", "e3va:lora_fa=true"], task=task,
+                     batch_size=1, img_size=(64, 96), steps=0, warmup=0, num_classes=20)
+    model = build_model(spec, "fixed", {})
+    import mmdet.models
+
+    assert type(model.net) is getattr(mmdet.models, detector)
+    rows = run_bench(spec, torch.device("cpu"))
+    full, fixed, e3va = rows
     assert e3va["trainable"] > 0 == fixed["trainable"]
-    assert fixed["saved_activation_bytes"] > 0  # the detector's head trains under every method
-    assert e3va["peak_vs_fixed"] > 1.0
+    assert fixed["saved_activation_bytes"] > 0  # the detector's heads train under every method
+    assert full["peak_vs_full"] == 1.0 and e3va["model_state_bytes"] > fixed["model_state_bytes"]
+    assert full["peak_mem_bytes"] > max(fixed["peak_mem_bytes"], e3va["peak_mem_bytes"])
+    assert all(r["step_time_s"] is None for r in rows)  # steps 0: memory only
+    meta = {**vars(spec), "device": "cpu", "world_size": 1, "device_name": "test CPU", "command": "mona-dist bench"}
+    md = write_outputs(rows, meta, tmp_path)
+    assert "96x64 px" in md and "Next to V-PETL's table" in md
+    paper_full = {"coco": 17061, "voc": 15679}[task]
+    vpetl = md.split("Next to V-PETL's table")[1]
+    fixed_row = next(line for line in vpetl.splitlines() if line.startswith("| fixed | "))
+    assert f"| {({'coco': 7137, 'voc': 3967}[task] / paper_full):.2f} |" in fixed_row
+
+
+def test_image_sizes_read_as_mmdet_writes_them():
+    import argparse
+
+    from mona_dist.bench.cli import image_size
+
+    assert image_size("224") == 224 and image_size("1333x800") == (800, 1333)
+    for bad in ("big", "0", "12x", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="1333x800"):
+            image_size(bad)
 
 
 def test_each_method_is_measured_alone_on_the_device_asked_for(monkeypatch):
@@ -141,22 +164,3 @@ def test_each_method_is_measured_alone_on_the_device_asked_for(monkeypatch):
     assert alive_at_build == [0, 0, 0, 0, 1, 2]
     gc.collect()
     assert all(ref() is None for ref in built)  # and all released at the end
-
-
-def test_img_size_is_a_side_or_width_by_height():
-    import argparse
-
-    from mona_dist.bench.cli import image_size
-
-    assert image_size("224") == 224 and image_size("1000x600") == (1000, 600)
-    for bad in ("0", "12x", "axb", "1x2x3"):
-        with pytest.raises(argparse.ArgumentTypeError, match="expected N or WxH"):
-            image_size(bad)
-    det = runner.make_batch(BenchSpec(backbone="swin_nano_patch4_window7", methods=["fixed"], task="det",
-                                      batch_size=1, img_size=(96, 64)), torch.device("cpu"))
-    assert det["images"][0].shape == (3, 64, 96)  # (W, H) in, (C, H, W) out
-    boxes = det["targets"][0]["boxes"]
-    assert (boxes[:, 2] <= 0.9 * 96 + 1e-3).all() and (boxes[:, 3] <= 0.9 * 64 + 1e-3).all()  # inside the image
-    seg = runner.make_batch(BenchSpec(backbone="swin_nano_patch4_window7", methods=["fixed"], task="seg",
-                                      batch_size=2, img_size=(40, 24)), torch.device("cpu"))
-    assert seg["images"].shape == (2, 3, 24, 40) and seg["masks"].shape == (2, 24, 40)

@@ -42,7 +42,7 @@ def mmseg_draw_row(rs: np.random.RandomState) -> list[float]:
 
 @pytest.fixture(scope="module")
 def mmseg_pmd():
-    from mona_dist.tasks.mmseg_compat import install
+    from mona_dist.tasks.mmcv_compat import install
 
     install()
     from mmseg.datasets.transforms import PhotoMetricDistortion

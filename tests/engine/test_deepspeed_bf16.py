@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 in bf16: the real engine, in one process, on the shipped CPU configs.
 
 DeepSpeed casts the parameters and nothing else; the preprocessor, UperNet's BatchNorms, the losses, the detectors'
-boxes and NMS and the adapter file must all come out right anyway (engine/precision.py, tasks/heads/detection.py).
+boxes and NMS and the adapter file must all come out right anyway (engine/precision.py, tasks/heads/mmdet_detector.py).
 Each run starts DeepSpeed (about a minute on this machine), hence slow.
 """
 
@@ -84,9 +84,9 @@ class BoxOps(TorchDispatchMode):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_zero2_bf16_trains_mask_rcnn_with_fp32_boxes_and_nms(shards, tmp_path):
-    """Mask R-CNN (RPN, RoI heads, masks) under DeepSpeed bf16: the backbone and FPN in bf16, the heads' outputs,
-    anchors, proposals, NMS and RoIAlign in fp32."""
+def test_zero2_bf16_trains_cascade_mask_rcnn_with_fp32_boxes_and_nms(shards, tmp_path):
+    """Cascade Mask R-CNN (mmdet: RPN, 3 box stages with BN, masks) under DeepSpeed bf16: the backbone and FPN in
+    bf16, the heads' outputs, anchors, proposals, NMS and RoIAlign (torchvision's, through mmcv's wrappers) in fp32."""
     cfg = zero2_bf16("coco", shards("coco"), tmp_path / "run", "train.max_steps=4", "train.ckpt_interval=0")
     with BoxOps() as ops:
         assert train(cfg) == 0

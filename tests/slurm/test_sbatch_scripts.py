@@ -2,7 +2,8 @@
 `<task>_mona.sh` trains and survives a pre-emption by requeue + resume; `bench_e3va.sh` benchmarks on both ranks.
 Real everything: cluster, sbatch script, trainer/bench, task, synthetic shards in the real format.
 
-cls and coco: the issue's command, with SET pointing at per-test shards and a short run.
+cls and coco: the issue's command, with SET pointing at per-test shards and a short run; coco runs the Cascade Mask
+R-CNN of the coco task and reports box and mask AP.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ class Case:
     data_task: str       # `mona-dist shards synthetic --task ...`
     metric: str          # an eval key that must reach metrics.jsonl
     preempt_steps: int   # long enough that a signal after step 2 lands mid-run
+    also: tuple[str, ...] = ()  # more eval keys of the same record (coco: mask AP beside box AP)
 
 
 CASES = [
     pytest.param(Case("cls_mona.sh", "configs/cpu/cls.yaml", "cls", "eval/top1", 40), id="cls"),
-    pytest.param(Case("coco_mona.sh", "configs/cpu/coco.yaml", "coco", "eval/bbox_AP", 30), id="coco"),
+    pytest.param(Case("coco_mona.sh", "configs/cpu/coco.yaml", "coco", "eval/bbox_AP", 30, ("eval/segm_AP",)),
+                 id="coco"),
 ]
 
 
@@ -72,6 +75,7 @@ def _check_finished_run(case: Case, run_dir: Path, max_steps: int) -> list[int]:
     assert json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())["world_size"] == 2
     evals = [r for r in records if case.metric in r]
     assert evals and evals[-1]["step"] == max_steps and math.isfinite(evals[-1][case.metric])
+    assert all(math.isfinite(evals[-1][key]) for key in case.also), evals[-1]
     assert list((run_dir / "tb").rglob("events.out.tfevents.*"))
     return [r["step"] for r in steps]
 

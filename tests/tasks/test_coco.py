@@ -1,4 +1,7 @@
-"""Mask R-CNN on mona_dist backbones, and the COCO evaluation path: predictions -> RLE -> COCOeval."""
+"""mmdet's Cascade Mask R-CNN on mona_dist backbones, the batch boundary, and the COCO evaluation path:
+predictions -> RLE -> COCOeval."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,12 +9,14 @@ import torch
 from dense_data import det_batches
 from pycocotools import mask as mask_util
 
-from mona_dist.tasks.coco import build_mask_rcnn, coco_metrics, evaluate_coco, to_coco_results
-from mona_dist.tasks.heads.detection import PrenormalizedTransform
+from mona_dist.config import load_config
+from mona_dist.tasks import TASKS
+from mona_dist.tasks.coco import build_cascade, coco_metrics, evaluate_coco, to_coco_results
 
-TINY = dict(fpn_channels=32, representation_size=64, mask_channels=32, anchor_base=16,
-            rpn_post_nms_train=100, rpn_post_nms_test=50, box_batch_size_per_image=32)
+TINY = dict(fpn_channels=32, conv_channels=32, fc_channels=64, mask_channels=32, anchor_scale=4,
+            rpn_proposals_train=100, rpn_proposals_test=50, rcnn_samples=32)
 CATEGORY_IDS = [3, 7]  # contiguous labels 1, 2 -> COCO ids with a gap, as in COCO
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _gt_and_perfect_predictions():
@@ -31,7 +36,7 @@ def _gt_and_perfect_predictions():
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(m.sum()), "iscrowd": 0, "segmentation": rle,
             })
             boxes.append([x1, y1, x2, y2])
-            masks.append(torch.from_numpy(m).float()[None])
+            masks.append(torch.from_numpy(m).bool())
         preds.append((image_id, {
             "boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.ones(len(objs)),
             "labels": torch.tensor([o[0] for o in objs]), "masks": torch.stack(masks),
@@ -59,38 +64,79 @@ def test_perfect_predictions_score_100_and_wrong_or_none_score_0():
     assert 0.0 < half["eval/bbox_AP"] < 100.0
 
 
-def test_transform_neither_resizes_nor_renormalises():
-    t = PrenormalizedTransform().eval()
-    images = [torch.randn(3, 37, 50), torch.randn(3, 64, 20)]
-    batched, _ = t(images)
-    assert batched.image_sizes == [(37, 50), (64, 20)]
-    assert batched.tensors.shape[-2:] == (64, 64)  # padded to /32
-    torch.testing.assert_close(batched.tensors[0, :, :37, :50], images[0])
+def test_the_coco_task_builds_the_official_cascade_mask_rcnn():
+    cfg = load_config(CONFIGS / "cpu" / "coco.yaml")
+    model = TASKS.get("coco").build_model(cfg)
+    from mmdet.models import CascadeRCNN, ConvFCBBoxHead, FCNMaskHead, GIoULoss, RPNHead
+    from mmdet.models.necks import FPN
+    net = model.net
+    assert type(net) is CascadeRCNN and isinstance(net.neck, FPN) and isinstance(net.rpn_head, RPNHead)
+    assert net.neck.num_outs == 5 and net.neck.in_channels == model.backbone.out_channels == [32, 64, 128, 256]
+    roi = net.roi_head
+    assert roi.num_stages == 3 and roi.stage_loss_weights == [1, 0.5, 0.25]
+    assert [type(h) for h in roi.bbox_head] == [ConvFCBBoxHead] * 3 and len(roi.mask_head) == 3
+    assert all(isinstance(h, FCNMaskHead) for h in roi.mask_head)
+    first = roi.bbox_head[0]
+    assert (first.num_shared_convs, first.num_shared_fcs, first.reg_class_agnostic, first.reg_decoded_bbox) == \
+        (4, 1, False, True)
+    assert isinstance(first.loss_bbox, GIoULoss) and first.loss_bbox.loss_weight == 10.0
+    assert [list(h.bbox_coder.stds) for h in roi.bbox_head] == [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1],
+                                                                 [0.033, 0.033, 0.067, 0.067]]
+    # SyncBN is CUDA-only: BN on CPU (norm: auto)
+    assert type(first.shared_convs[0].bn) is torch.nn.BatchNorm2d
+    assert [a.pos_iou_thr for a in (roi.bbox_assigner[i] for i in range(3))] == [0.5, 0.6, 0.7]
+    assert roi.bbox_roi_extractor[0].roi_layers[0].aligned and roi.mask_roi_extractor[0].roi_layers[0].output_size == (14, 14)
 
 
-def test_mask_rcnn_losses_and_predictions_at_original_size():
-    model = build_mask_rcnn("swin_nano_patch4_window7", "mona", 2, TINY)
+def test_cascade_losses_and_predictions_at_original_size():
+    model = build_cascade("swin_nano_patch4_window7", "mona", 2, TINY)
     batch = det_batches(0, 2, 2, size=64)[0]
     losses = model(batch)
-    assert {"loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    for stage in range(3):
+        assert {f"s{stage}_loss_cls", f"s{stage}_loss_bbox", f"s{stage}_loss_mask"} <= set(losses)
+    assert {"loss", "loss_rpn_cls", "loss_rpn_bbox"} <= set(losses)
+    assert all(v.shape == () for v in losses.values())  # scalars, as the loop expects (mmdet's mask loss is (1,))
+    total = sum(v for k, v in losses.items() if k != "loss" and "loss" in k)
+    torch.testing.assert_close(losses["loss"], total)
     losses["loss"].backward()
     assert model.backbone.trunk.layers[0].blocks[0].post_attn.project1.weight.grad is not None
+    assert model.net.roi_head.mask_head[2].conv_logits.weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
         preds = model(batch)
     assert len(preds) == 2
     for p in preds:
         n = len(p["scores"])
-        assert p["masks"].shape == (n, 1, 128, 128)  # orig_size is twice the input
+        assert p["masks"].shape == (n, 128, 128) and p["masks"].dtype == torch.bool  # orig_size is twice the input
+        assert p["labels"].min() >= 1 and p["labels"].max() <= 2  # our labels, 1..K
         if n:
             assert p["boxes"][:, 2:].max() <= 128 and p["boxes"].min() >= 0
 
 
-def test_vit_mask_rcnn_uses_the_pyramid():
-    model = build_mask_rcnn("vit_nano_patch16", "mona", 2, TINY)
-    feats = model.detector.backbone(torch.randn(1, 3, 64, 64))
-    assert list(feats) == ["0", "1", "2", "3", "pool"]
-    assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2, 1]
+def test_batches_become_det_data_samples_at_one_boundary():
+    model = build_cascade("swin_nano_patch4_window7", "fixed", 2, TINY)
+    images = [torch.randn(3, 40, 70), torch.randn(3, 64, 30)]
+    targets = [{"boxes": torch.tensor([[1.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([2]),
+                "masks": torch.ones(1, 40, 70, dtype=torch.uint8), "orig_size": (80, 140)},
+               {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1]),
+                "masks": torch.ones(1, 64, 30, dtype=torch.uint8), "orig_size": (64, 30)}]
+    inputs, samples = model.data_samples(images, targets)
+    assert inputs.shape == (2, 3, 64, 96)  # padded to /32
+    torch.testing.assert_close(inputs[0, :, :40, :70], images[0])
+    assert inputs[0, :, 40:].abs().sum() == 0 and inputs[1, :, :, 30:].abs().sum() == 0
+    first = samples[0].metainfo
+    assert first["img_shape"] == (40, 70) and first["ori_shape"] == (80, 140) and first["scale_factor"] == (0.5, 0.5)
+    assert first["pad_shape"] == (64, 96) and first["batch_input_shape"] == (64, 96)
+    assert samples[0].gt_instances.labels.tolist() == [1]  # mmdet counts classes from 0
+    assert samples[1].gt_instances.masks.masks.shape == (1, 64, 30)
+    model.eval()
+    assert "gt_instances" not in model.data_samples(images, targets)[1][0]
+
+
+def test_vit_cascade_uses_the_pyramid():
+    model = build_cascade("vit_nano_patch16", "mona", 2, TINY)
+    feats = model.net.extract_feat(torch.randn(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [16, 8, 4, 2, 1]
     assert torch.isfinite(model(det_batches(0, 2, 2)[0])["loss"])
 
 
@@ -99,12 +145,12 @@ def test_evaluation_maps_labels_and_gathers_results():
     batches = det_batches(0, 4, 2)
 
     def upscaled(t):
-        return torch.nn.functional.interpolate(t["masks"][:, None].float(), scale_factor=2.0)
+        return torch.nn.functional.interpolate(t["masks"][:, None].float(), scale_factor=2.0)[:, 0].bool()
 
     gt = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]}
     for t in (t for b in batches for t in b["targets"]):
         gt["images"].append({"id": t["image_id"], "height": 128, "width": 128})
-        for label, m in zip(t["labels"], upscaled(t)[:, 0].to(torch.uint8).numpy()):
+        for label, m in zip(t["labels"], upscaled(t).to(torch.uint8).numpy()):
             rle = mask_util.encode(np.asfortranarray(m))
             gt["annotations"].append({
                 "id": len(gt["annotations"]) + 1, "image_id": t["image_id"], "iscrowd": 0, "area": float(m.sum()),

@@ -1,9 +1,10 @@
-"""The detectors' fp32 boundary (tasks/heads/detection.py): under autocast, decoding and NMS give the fp32 result.
+"""The detectors' fp32 boundary (tasks/heads/mmdet_detector.py): under autocast, decoding and NMS give the fp32
+result, and the heads hand back fp32.
 
-RetinaNet with its box regression zeroed and every class scored alike predicts every anchor as a box, once per
-class: thousands of coincident and overlapping boxes at coordinates of several hundred pixels, where bf16's step
-is 2-4 px and batched_nms's per-class offsets (class x (largest coordinate + 1)) are ~10^4. Because the heads'
-outputs are then exact in bf16 too, any difference from the fp32 run comes from decoding and NMS.
+mmdet's RetinaNet with its box regression zeroed and every class scored alike predicts every anchor as a box, once
+per class: thousands of coincident and overlapping boxes at coordinates of several hundred pixels, where bf16's
+step is 2-4 px and batched_nms's per-class offsets (class x (largest coordinate + 1)) are ~10^4. Because the
+heads' outputs are then exact in bf16 too, any difference from the fp32 run comes from decoding and NMS.
 """
 
 from __future__ import annotations
@@ -11,20 +12,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mona_dist.tasks.heads.detection import HEAD_MODULES
+from mona_dist.tasks.heads.mmdet_detector import fp32_heads
 from mona_dist.tasks.voc import build_retinanet
 
 
 def duplicating_retinanet():
     torch.manual_seed(0)
-    model = build_retinanet("swin_nano_patch4_window7", "mona", 20,
-                            {"fpn_channels": 32, "anchor_base": 32, "detections_per_img": 300})
-    head = model.detector.head
+    model = build_retinanet("swin_nano_patch4_window7", "mona", 20, {"fpn_channels": 32, "feat_channels": 32,
+                                                                      "octave_base_scale": 4, "detections_per_img": 300})
+    head = model.net.bbox_head
     with torch.no_grad():
-        head.regression_head.bbox_reg.weight.zero_()
-        head.regression_head.bbox_reg.bias.zero_()
-        head.classification_head.cls_logits.weight.zero_()
-        head.classification_head.cls_logits.bias.fill_(3.0)  # sigmoid 0.95 for every class at every anchor
+        head.retina_reg.weight.zero_()
+        head.retina_reg.bias.zero_()
+        head.retina_cls.weight.zero_()
+        head.retina_cls.bias.fill_(3.0)  # sigmoid 0.95 for every class at every anchor
     return model.eval()
 
 
@@ -48,44 +49,39 @@ def test_decoding_and_nms_under_autocast_equal_fp32():
 def test_the_heads_hand_back_fp32_under_autocast():
     model = duplicating_retinanet()
     outputs = {}
-    head = model.detector.head
-    head.register_forward_hook(lambda _m, _a, out: outputs.update(out))
-    model.detector.backbone.register_forward_hook(lambda _m, _a, out: outputs.update(features=list(out.values())))
+    model.net.bbox_head.register_forward_hook(lambda _m, _a, out: outputs.update(cls=out[0], reg=out[1]))
+    model.net.neck.register_forward_hook(lambda _m, _a, out: outputs.update(features=list(out)))
     predict(model, [torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)], autocast=True)
-    assert outputs["cls_logits"].dtype == outputs["bbox_regression"].dtype == torch.float32
-    assert all(f.dtype == torch.float32 for f in outputs["features"])
-    assert "head" in HEAD_MODULES
+    assert all(t.dtype == torch.float32 for t in outputs["cls"] + outputs["reg"] + outputs["features"])
 
 
 def test_a_detector_without_known_heads_is_refused():
     from torch import nn
 
-    from mona_dist.tasks.heads.detection import fp32_heads
-
-    detector = nn.Module()
-    detector.backbone = nn.Identity()
-    with pytest.raises(ValueError, match="none of the detector heads"):
-        fp32_heads(detector)
+    net = nn.Module()
+    net.neck = nn.Identity()
+    with pytest.raises(ValueError, match="none of the heads"):
+        fp32_heads(net)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mask_rcnn_trains_under_autocast(precision):
+def test_cascade_trains_under_autocast(precision):
     """The official COCO/VOC runs used fp16 mixed precision: DDP's autocast (fp16 with a grad scaler) trains
-    Mask R-CNN with finite losses, its heads' outputs in fp32."""
+    Cascade Mask R-CNN with finite losses, its box heads' outputs in fp32."""
     from dense_data import det_batches
 
     from mona_dist.config.schema import EngineConfig, OptimConfig
     from mona_dist.engine import build_engine
-    from mona_dist.tasks.coco import build_mask_rcnn
+    from mona_dist.tasks.coco import build_cascade
 
     torch.manual_seed(0)
-    model = build_mask_rcnn("swin_nano_patch4_window7", "mona", 2, dict(
-        fpn_channels=32, representation_size=64, mask_channels=32, anchor_base=16, rpn_post_nms_train=100,
-        rpn_post_nms_test=50, box_batch_size_per_image=32))
+    model = build_cascade("swin_nano_patch4_window7", "mona", 2, dict(
+        fpn_channels=32, conv_channels=32, fc_channels=64, mask_channels=32, anchor_scale=4,
+        rpn_proposals_train=100, rpn_proposals_test=50, rcnn_samples=32))
     engine = build_engine(model, EngineConfig(name="ddp", precision=precision), OptimConfig(lr=1e-3),
                           micro_batch_size=2)
     seen = {}
-    model.detector.roi_heads.box_predictor.register_forward_hook(lambda _m, _a, out: seen.update(dtype=out[0].dtype))
+    model.net.roi_head.bbox_head[2].register_forward_hook(lambda _m, _a, out: seen.update(dtype=out[0].dtype))
     losses = []
     for batch in det_batches(0, 6, 2):
         loss = engine(batch)["loss"]

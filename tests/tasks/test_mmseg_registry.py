@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from mona_dist.tasks import mmseg_registry  # noqa: F401  (registers MonaSwin, MonaViT, SimpleFeaturePyramid)
-from mona_dist.tasks.mmseg_compat import import_mmseg_models
+from mona_dist.tasks.mmcv_compat import import_models
 
 
 def _models():
-    import_mmseg_models()
+    import_models("mmseg")
     from mmseg.registry import MODELS
 
     return MODELS

@@ -1,4 +1,5 @@
-"""RetinaNet on mona_dist backbones and the VOC07 11-point mAP against a hand-computed case."""
+"""mmdet's RetinaNet on mona_dist backbones, and the VOC07 11-point mAP against a hand-computed case and against
+mmdet's own `eval_map` (the official metric)."""
 
 import numpy as np
 import pytest
@@ -53,16 +54,78 @@ def test_below_threshold_and_duplicates_are_false_positives():
     assert voc07_ap(np.array([0.5]), np.array([1.0])) == pytest.approx(6 / 11)
 
 
-def test_retinanet_uses_stages_1_to_3_plus_p6_p7():
-    model = build_retinanet("swin_nano_patch4_window7", "mona", 2, dict(fpn_channels=32, anchor_base=16))
-    feats = model.detector.backbone(torch.randn(1, 3, 64, 64))
-    assert list(feats) == ["0", "1", "2", "p6", "p7"]
-    assert [f.shape[-1] for f in feats.values()] == [8, 4, 2, 1, 1]  # strides 8..128
-    assert model.detector.backbone.fpn.inner_blocks[0][0].in_channels == 64  # stage 1 of the nano Swin
+def _random_case(seed: int, images: int = 12, classes: int = 3):
+    """Detections and ground truth with overlaps, duplicates, difficult boxes, empty images and tied scores."""
+    rng = np.random.default_rng(seed)
+    dets, gts = [], []
+    for _ in range(images):
+        n = int(rng.integers(0, 5))
+        xy = rng.uniform(0, 80, (n, 2)).round(1)
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (n, 2)).round(1)], 1)
+        gts.append(_img(boxes, rng.integers(1, classes + 1, n), rng.random(n) < 0.2))
+        picks = rng.integers(0, max(n, 1), int(rng.integers(0, 8)))
+        jitter = rng.normal(0, 4, (len(picks), 4))
+        dboxes = (boxes[picks] + jitter) if n else rng.uniform(0, 100, (len(picks), 4))
+        dboxes = np.concatenate([dboxes[:, :2], np.maximum(dboxes[:, 2:], dboxes[:, :2] + 1)], 1)
+        labels = gts[-1]["labels"][picks] if n else rng.integers(1, classes + 1, len(picks))
+        labels = np.where(rng.random(len(picks)) < 0.2, rng.integers(1, classes + 1, len(picks)), labels)
+        dets.append(_img(dboxes, labels, scores=rng.choice([0.3, 0.5, 0.7, 0.9], len(picks))
+                         if seed % 2 else rng.random(len(picks))))
+    return dets, gts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_voc07_map_equals_mmdets_eval_map(seed):
+    """mmdet's eval_map with the arithmetic of mmdet 2.11's VOC evaluation (no +1, 11 points) is the official
+    metric; voc_map must give the same number (float32 arithmetic as mmdet's; tied scores included)."""
+    from mona_dist.tasks import mmcv_compat
+
+    mmcv_compat.install()
+    from mmdet.evaluation.functional import eval_map
+
+    dets, gts = _random_case(seed)
+    det_results = [[np.concatenate([d["boxes"][d["labels"] == c], d["scores"][d["labels"] == c, None]], 1)
+                    .astype(np.float32) for c in (1, 2, 3)] for d in dets]
+    annotations = [{"bboxes": g["boxes"][~g["difficult"]].astype(np.float32), "labels": g["labels"][~g["difficult"]] - 1,
+                    "bboxes_ignore": g["boxes"][g["difficult"]].astype(np.float32),
+                    "labels_ignore": g["labels"][g["difficult"]] - 1} for g in gts]
+    want, per_class = eval_map(det_results, annotations, iou_thr=0.5, logger="silent", nproc=1,
+                               use_legacy_coordinate=False, eval_mode="11points")
+    got = voc_map(dets, gts, num_classes=3)
+    assert got["eval/voc_mAP"] == pytest.approx(want * 100, rel=1e-6, abs=1e-6)
+    for c, r in enumerate(per_class, start=1):
+        if r["num_gts"]:
+            assert got["ap_per_class"][c] == pytest.approx(float(r["ap"]), abs=1e-7)
+    assert 0 < got["eval/voc_mAP"] < 100
+
+
+def test_retinanet_is_mmdets_on_stages_1_to_3_plus_p6_p7():
+    model = build_retinanet("swin_nano_patch4_window7", "mona", 2, dict(fpn_channels=32, feat_channels=32))
+    from mmdet.models import FocalLoss, L1Loss, RetinaHead, RetinaNet
+
+    net = model.net
+    assert type(net) is RetinaNet and isinstance(net.bbox_head, RetinaHead)
+    assert net.neck.in_channels == [64, 128, 256] and net.neck.add_extra_convs == "on_input"
     assert model.backbone.out_indices == (1, 2, 3)  # stage 0 runs but has no (unused) output norm
+    head = net.bbox_head
+    assert isinstance(head.loss_cls, FocalLoss) and (head.loss_cls.gamma, head.loss_cls.alpha) == (2.0, 0.25)
+    assert isinstance(head.loss_bbox, L1Loss) and head.prior_generator.strides == [(s, s) for s in (8, 16, 32, 64, 128)]
+    assert head.prior_generator.num_base_priors == [9] * 5
+    feats = net.extract_feat(torch.randn(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [8, 4, 2, 1, 1]  # strides 8..128
     losses = model(det_batches(0, 2, 2, with_masks=False)[0])
-    assert set(losses) == {"loss", "classification", "bbox_regression"}
+    assert set(losses) == {"loss", "loss_cls", "loss_bbox"}
     losses["loss"].backward()
+    assert head.retina_cls.weight.grad.abs().sum() > 0
+
+
+def test_difficult_boxes_are_left_out_of_training_targets():
+    model = build_retinanet("swin_nano_patch4_window7", "fixed", 2, dict(fpn_channels=32, feat_channels=32))
+    target = {"boxes": torch.tensor([[0.0, 0.0, 9.0, 9.0], [5.0, 5.0, 20.0, 20.0]]), "labels": torch.tensor([1, 2]),
+              "difficult": torch.tensor([False, True])}
+    _, samples = model.data_samples([torch.zeros(3, 32, 32)], [target])
+    assert samples[0].gt_instances.labels.tolist() == [0]
+    assert samples[0].gt_instances.bboxes.tolist() == [[0.0, 0.0, 9.0, 9.0]]
 
 
 def test_evaluation_scores_at_the_original_size():

@@ -1,8 +1,7 @@
-"""Necks, heads and adapters that put mona_dist backbones under mmseg and torchvision models.
+"""Necks and adapters that put mona_dist backbones under mmseg and mmdet models.
 
     pyramid.SimpleFeaturePyramid   four stride-16 ViT maps -> strides 4/8/16/32
-    fpn.FPNBackbone                Backbone (+ pyramid) + torchvision FPN -> OrderedDict, for torchvision detectors
-    detection.Detector             a torchvision detector behind the mona_dist batch contract
+    mmdet_detector.MMDetDetector   an mmdet detector behind the mona_dist batch contract (the one boundary)
 """
 
 from __future__ import annotations
