@@ -110,7 +110,7 @@ class EngineConfig(Section):
     bucket_elements: int | None = Field(None, gt=0)  # ZeRO-1/2 reduce/allgather buckets; None: from trainable count
     overlap_comm: bool | None = None  # ZeRO-1/2 reduction beside backward; None: on CUDA with several ranks
     gradient_as_bucket_view: bool = True  # DDP: gradients are views into its buckets (no second copy)
-    broadcast_buffers: bool | None = None  # DDP: rank 0's buffers at each forward; None: only for plain BatchNorm
+    broadcast_buffers: bool | None = None  # DDP, fsdp: rank 0's (BN) buffers at each forward; None: plain BN only
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions for what runs in fp32
     cudnn_benchmark: bool | None = None  # CUDA: autotune convolutions; None: for the task's fixed-shape training
 
@@ -170,7 +170,8 @@ def combination_errors(engine: EngineConfig, train: TrainConfig | None = None) -
         errors.append(("engine.precision", "fp16 is not supported with the fairscale engine; use bf16 or fp32"))
     if e.name == "fsdp" and e.zero_stage != 0:
         errors.append(("engine.zero_stage", "fsdp shards parameters, gradients and optimizer state by itself (as "
-                       "ZeRO-3); leave engine.zero_stage at 0 (engine.reshard_after_forward=false: fewer all-gathers)"))
+                       "ZeRO-3): set engine.zero_stage=0 with it (engine.reshard_after_forward=false: fewer "
+                       "all-gathers)"))
     if e.name == "fsdp" and e.offload_optimizer:
         errors.append(("engine.offload_optimizer", "fsdp offloads shards, gradients and the optimizer step together: "
                        "set engine.offload_params instead"))

@@ -13,6 +13,8 @@ ones; only the trainable reach AdamW, so the frozen ones hold no gradient and no
 - The E3VA highway calls `block.taps(x)` instead of the block's forward, so it is registered as a forward method
   (`register_fsdp_forward_method`); without it the block's weights stay sharded there ("got mixed torch.Tensor
   and DTensor").
+- Buffers are not sharded: each rank keeps its own. Plain BatchNorm statistics (UperNet's heads on CPU) are sent
+  from rank 0 before every forward, as DDP does for them (`engine.broadcast_buffers`, same default).
 - Gradient accumulation reduce-scatters each micro-batch into the shards: no unsharded gradient waits between
   micro-batches (FSDP's memory, one reduce-scatter per micro-batch).
 - State: torch.distributed.checkpoint (DCP) under `<dir>/engine/`, each rank writing its own shards of the
@@ -24,22 +26,25 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                     register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mona_dist.adapters.io import clean_name
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine.activation import block_units
 from mona_dist.engine.base import DTYPES, Engine
+from mona_dist.engine.ddp_engine import needs_buffer_broadcast
 from mona_dist.engine.optim import build_adamw, param_groups
 from mona_dist.engine.precision import match_engine_dtype
 
@@ -78,6 +83,22 @@ class FSDPEngine(Engine):
         self.optimizer = build_adamw(param_groups(model, optim), optim, foreach=self.foreach)
         self.scaler = fsdp_grad_scaler(device) if cfg.precision == "fp16" else None
         self._accum = cfg.grad_accum
+        broadcast = cfg.broadcast_buffers if cfg.broadcast_buffers is not None else needs_buffer_broadcast(model)
+        self._shared_buffers: dict[torch.dtype, list[torch.Tensor]] = {}
+        if broadcast and tdist.get_world_size() > 1:
+            for m in model.modules():
+                if isinstance(m, _BatchNorm):
+                    for buf in m.buffers():
+                        self._shared_buffers.setdefault(buf.dtype, []).append(buf)
+
+    def __call__(self, batch: Any) -> Any:
+        with torch.no_grad():
+            for bufs in self._shared_buffers.values():  # one broadcast per dtype, as DDP's buffer sync
+                flat = _flatten_dense_tensors(bufs)
+                tdist.broadcast(flat, src=0)
+                for buf, synced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+                    buf.copy_(synced)
+        return super().__call__(batch)
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the policy gathers the weights in the compute dtype

@@ -129,3 +129,40 @@ def run_compiled(rank: int, world_size: int, port: int, variants: list[dict], ou
         engine.release()
     write_result(Path(out), rank, results)
     tdist.destroy_process_group()
+
+
+class NormNet(torch.nn.Module):
+    """A plain BatchNorm between two layers (as UperNet's heads on CPU): its running statistics are buffers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+
+    def forward(self, batch: dict) -> dict:
+        logits = self.net(batch["x"])
+        return {"loss": torch.nn.functional.cross_entropy(logits, batch["y"]), "logits": logits}
+
+
+def run_batchnorm(rank: int, world_size: int, port: int, variants: list[dict], out: str) -> None:
+    """Train on per-rank data, then evaluate one shared input: do the ranks agree on the running statistics?"""
+    init_group(rank, world_size, port)
+    g = torch.Generator().manual_seed(rank)
+    data = {"x": torch.randn(8, 8, generator=g) * (1 + rank), "y": torch.randint(0, 4, (8,), generator=g)}
+    shared = {"x": torch.randn(4, 8, generator=torch.Generator().manual_seed(99)),
+              "y": torch.zeros(4, dtype=torch.long)}
+    results = {}
+    for spec in variants:
+        engine = build_engine(NormNet(), EngineConfig(**spec["engine"]), OPTIM, micro_batch_size=8,
+                              world_size=world_size)
+        for _ in range(3):
+            engine.backward(engine(data)["loss"])
+            engine.step()
+        engine.train(False)
+        with torch.no_grad():
+            logits = engine(shared)["logits"].contiguous()
+        gathered = [torch.empty_like(logits) for _ in range(world_size)]
+        tdist.all_gather(gathered, logits)
+        results[spec["key"]] = {"ranks_agree": all(torch.equal(gathered[0], t) for t in gathered)}
+    write_result(Path(out), rank, results)
+    tdist.destroy_process_group()
