@@ -55,6 +55,13 @@ def bench(args: argparse.Namespace) -> int:
     device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
+    from ..config.schema import EngineConfig, combination_errors
+
+    errors = combination_errors(EngineConfig(name=args.engine, zero_stage=args.zero, compile=args.compile))
+    if errors:  # the training config's rules, named by the flags that set them
+        key, why = errors[0]
+        flag = {"engine.zero_stage": "--zero", "engine.compile": "--compile"}.get(key, key)
+        raise ValueError(f"{flag}: {why}")
     dist = init_distributed()
     if args.engine in ("fsdp", "fairscale") and not torch.distributed.is_initialized():
         # these engines shard over a process group, even a single process's (a private in-memory one)
