@@ -184,7 +184,8 @@ class FSDPEngine(Engine):
         for name, p in self.model.named_parameters():
             if p.requires_grad:  # same order on every rank: each gather is collective
                 full = p.full_tensor() if isinstance(p, DTensor) else p
-                out[clean_name(name)] = full.detach().cpu()
+                # a copy: on one CPU rank the gathered tensor is the live weight itself
+                out[clean_name(name)] = full.detach().to("cpu", copy=True)
         return out
 
 
