@@ -9,8 +9,10 @@ its class swapped, so every pretrained state-dict key stays where it was) and fi
     x = x + drop_path(m) + mlp_parallel(x_in)         # AdaptFormer: beside the MLP, fed the post-attention stream
     x = post_mlp(x)                                   # Mona
 
-An empty slot costs nothing. `swin_block_taps` / `vit_block_taps` run an untouched block and also return its two
-branch outputs, which is what the E3VA highway reads.
+An empty slot costs nothing. `block.taps(x)` (`swin_block_taps` / `vit_block_taps`) runs an untouched block and
+also returns its two branch outputs, which is what the E3VA highway reads. It is a method of the block so that a
+sharding engine can wrap it like the forward: FSDP2 unshards a block's weights only around calls it knows
+(`register_fsdp_forward_method(block, "taps")`).
 
 Swin window arithmetic (`set_swin_arithmetic`): timm and the official Swin code (Microsoft's detection and
 segmentation Swin, which the official Mona code copies) differ on dense inputs. "official" pads the map
@@ -101,6 +103,9 @@ class PetlSwinBlock(SwinTransformerBlock):
             x = x + self.mlp_parallel(x_in)
         return _fill(self.post_mlp, x)
 
+    def taps(self, x: torch.Tensor):
+        return swin_block_taps(self, x)
+
 
 class PetlViTBlock(ViTBlock):
     """timm's ViT Block with adapter slots. Slots get (B, P+N, C) tokens plus the grid and the prefix count."""
@@ -116,6 +121,9 @@ class PetlViTBlock(ViTBlock):
         if self.mlp_parallel is not None:
             x = x + self.mlp_parallel(x_in, **kw)
         return _fill(self.post_mlp, x, **kw)
+
+    def taps(self, x: torch.Tensor):
+        return vit_block_taps(self, x)
 
 
 def family(model: nn.Module) -> str:

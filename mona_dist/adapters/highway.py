@@ -42,7 +42,7 @@ from torch import nn
 from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from .blocks import Recompute, family, iter_blocks, swin_block_taps, vit_block_taps
+from .blocks import Recompute, family, iter_blocks, make_petl
 from .lorand import LoRand
 from .mona import Mona
 
@@ -124,14 +124,14 @@ class Highway(nn.Module):
                     h = reduction(merge_2x2(h))
                 for blk in stage.blocks:
                     with torch.no_grad():
-                        x, a, m = swin_block_taps(blk, x)
+                        x, a, m = blk.taps(x)
                     h, k = self._add(h, k, a, m), k + 1
                 if s in self.out_indices:
                     outs.append(x + h)
         else:
             for i, blk in enumerate(trunk.blocks):
                 with torch.no_grad():
-                    x, a, m = vit_block_taps(blk, x)
+                    x, a, m = blk.taps(x)
                 h = self._add(h, i, a, m, **grid)
                 if i in self.out_indices:
                     outs.append(x + h)
@@ -180,6 +180,8 @@ def _attach(model: nn.Module, make_adapter, lora_fa: bool, train_downsample: boo
         norms = trunk.norm
         trunk.__class__ = HighwaySwinTransformer if family(trunk) == "swin" else HighwayVisionTransformer
     model.highway = Highway(trunk, make_adapter, out_indices, lora_fa, train_downsample)
+    for _, blk, _ in iter_blocks(trunk):
+        make_petl(trunk, blk)  # the highway reads `blk.taps` (a ViT's blocks are still timm's own here)
     norms.requires_grad_(True)
 
 

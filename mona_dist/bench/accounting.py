@@ -4,7 +4,8 @@
   `torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters excluded (they are model state).
 - `model_state_bytes`: parameters + gradients + optimizer state held by *this rank* (the ZeRO paper's "model
   state"): read from the tensors themselves, so ZeRO sharding and fp32 master copies show as they really are.
-- `zero_model_state_estimate`: the ZeRO paper's arithmetic for the same quantity, printed beside the measurement.
+- `zero_model_state_estimate`: the ZeRO paper's arithmetic for the same quantity, printed beside the measurement;
+  `fsdp_model_state_estimate` the same for FSDP2, which shards everything 1/world and keeps fp32 shards.
 - `PeakMemory`: CUDA `max_memory_allocated` since a reset on GPU; on CPU the process's peak RSS (VmHWM), reset
   through /proc/self/clear_refs, both relative to what was allocated before the measured step.
 """
@@ -19,12 +20,20 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: an FSDP2 parameter, gradient or AdamW moment is a DTensor over its shards."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    t = _local(t)
     return (str(t.device), t.untyped_storage().data_ptr())
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
+    return _local(t).untyped_storage().nbytes()
 
 
 def saved_activation_bytes(
@@ -86,7 +95,7 @@ def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]
     def take(ts: Iterable[torch.Tensor | None]) -> int:
         total = 0
         for t in ts:
-            if t is None or t.numel() == 0:
+            if t is None or _local(t).numel() == 0:
                 continue
             key = _storage_key(t)
             if key not in seen:
@@ -131,6 +140,17 @@ def zero_model_state_estimate(
         + (grads // n if zero_stage >= 2 else grads)
         + (opt // n if zero_stage >= 1 else opt),
     }
+
+
+def fsdp_model_state_estimate(trainable: int, frozen: int, world_size: int) -> dict[str, int]:
+    """Model-state bytes per rank under FSDP2 (`engine.name: fsdp`), Adam optimizer: every weight, gradient and
+    moment sharded 1/world. The shards stay fp32 whatever the compute dtype (they are the master weights; a
+    bf16/fp16 policy gathers low-precision copies only for the duration of a block's forward and backward), and
+    frozen weights need no grads and no optimizer state. Shards are padded to a multiple of the world size."""
+    n = max(world_size, 1)
+    out = {"params": (trainable + frozen) * 4 // n, "grads": trainable * 4 // n, "optimizer": trainable * 8 // n}
+    out["total"] = out["params"] + out["grads"] + out["optimizer"]
+    return out
 
 
 def _rss_kib(field: str) -> int:

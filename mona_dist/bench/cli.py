@@ -24,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a side, or WxH as mmdet writes img_scale (default: 224; coco 1333x800; voc 1000x600)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method (0: memory only)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--engine", choices=["ddp", "deepspeed", "fairscale"], default="ddp")
+    p.add_argument("--engine", choices=["ddp", "deepspeed", "fairscale", "fsdp"], default="ddp")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage (deepspeed 0-3, fairscale 1-2)")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="also run every method under engine.compile (torch.compile per block), timed side by side")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -53,7 +55,18 @@ def bench(args: argparse.Namespace) -> int:
     device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
+    from ..config.schema import EngineConfig, combination_errors
+
+    errors = combination_errors(EngineConfig(name=args.engine, zero_stage=args.zero, compile=args.compile))
+    if errors:  # the training config's rules, named by the flags that set them
+        key, why = errors[0]
+        flag = {"engine.zero_stage": "--zero", "engine.compile": "--compile"}.get(key, key)
+        raise ValueError(f"{flag}: {why}")
     dist = init_distributed()
+    if args.engine in ("fsdp", "fairscale") and not torch.distributed.is_initialized():
+        # these engines shard over a process group, even a single process's (a private in-memory one)
+        torch.distributed.init_process_group("nccl" if device_kind == "cuda" else "gloo",
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
     # init_distributed picked this rank's GPU; with one visible GPU per task that is cuda:0, not cuda:local_rank.
     device = torch.device("cuda", torch.cuda.current_device()) if device_kind == "cuda" else torch.device("cpu")
     backbone, hw, classes = TASK_DEFAULTS[args.task]
@@ -62,7 +75,7 @@ def bench(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, img_size=args.img_size or hw, steps=args.steps, warmup=args.warmup,
         num_classes=classes,
         engine=args.engine, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
-        precision=args.precision or ("bf16" if device_kind == "cuda" else "fp32"),
+        precision=args.precision or ("bf16" if device_kind == "cuda" else "fp32"), compile=args.compile,
     )
     rows = run_bench(spec, device, world_size=dist.world_size)
     if dist.rank == 0:

@@ -78,6 +78,12 @@ def _ms(r: dict) -> str:
     return f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_p10_s']:.1f}-{1e3 * r['step_time_p90_s']:.1f})"
 
 
+def _engine(meta: dict[str, Any]) -> str:
+    if meta["engine"] == "fsdp":
+        return "fsdp (FSDP2: weights, grads and AdamW state 1/world)"
+    return f"{meta['engine']} ZeRO-{meta['zero_stage']}"
+
+
 def _mib(b: float | None) -> str:
     return "" if b is None else f"{b / 2**20:,.1f}"
 
@@ -90,16 +96,22 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
     head = (
         f"`{meta['command']}`  \n"
         f"{meta['backbone']}, task {meta['task']}, batch {meta['batch_size']}/rank x {meta['world_size']} rank(s), "
-        f"{_size(meta['img_size'])} px, {meta['precision']}, engine {meta['engine']} ZeRO-{meta['zero_stage']}, "
+        f"{_size(meta['img_size'])} px, {meta['precision']}, engine {_engine(meta)}, "
         f"activation checkpointing {'on' if meta['activation_checkpointing'] else 'off'}, {meta['steps']} timed "
         f"steps per method (interleaved) on {meta['device_name']}. Peak memory: "
         + ("CUDA max allocated, MAX over ranks." if meta["device"] == "cuda"
            else "exact params + grads + optimizer state + saved activations (beside it, peak RSS: the process's "
                 "peak resident memory over the method's build, warm-up and step, above its RSS before the build).")
+        + " First step: the first warm-up step of a build"
+        + (" (of a `+compile` run: its compilation); x eager: step time over the same method's eager run."
+           if meta.get("compile") else ".")
         + "\n\n"
     )
+    estimate = "1/world estimate MiB/rank" if meta["engine"] == "fsdp" else "ZeRO estimate MiB/rank"
     cols = ["method", "trainable", "peak MiB", "x full", "x fixed", "saved act. MiB", "model state MiB/rank",
-            "ZeRO estimate MiB/rank", "step ms (p10-p90)", "x full", "img/s"]
+            estimate, "step ms (p10-p90)", "x full", "img/s", "first step s"]
+    if meta.get("compile"):
+        cols.append("x eager")
     if meta["device"] == "cpu":
         cols.insert(5, "peak RSS MiB")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -108,7 +120,10 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
                  _x(r.get("peak_vs_fixed")), _mib(r["saved_activation_bytes"]), _mib(r["model_state_bytes"]),
                  _mib(r["model_state_estimate_bytes"]),
                  _ms(r), _x(r.get("time_vs_full")),
-                 "" if r.get("images_per_s") is None else f"{r['images_per_s']:.1f}"]
+                 "" if r.get("images_per_s") is None else f"{r['images_per_s']:.1f}",
+                 "" if r.get("first_step_s") is None else f"{r['first_step_s']:.1f}"]
+        if meta.get("compile"):
+            cells.append(_x(r.get("time_vs_eager")))
         if meta["device"] == "cpu":
             cells.insert(5, _mib(r["rss_peak_bytes"]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -158,7 +173,7 @@ def write_outputs(rows: list[dict], meta: dict[str, Any], out: Path) -> str:
     with SummaryWriter(str(out / "tb")) as tb:
         for r in rows:
             for key in ("peak_mem_bytes", "saved_activation_bytes", "model_state_bytes", "step_time_s",
-                        "images_per_s", "trainable", "peak_vs_full", "time_vs_full"):
+                        "images_per_s", "trainable", "peak_vs_full", "time_vs_full", "first_step_s", "time_vs_eager"):
                 if r.get(key) is not None:
                     tb.add_scalar(f"bench/{r['method']}/{key}", r[key], 0)
         tb.add_text("bench/table", table, 0)

@@ -10,6 +10,8 @@ Protocol (every method: same backbone, head, inputs, precision and engine):
 2. Time, interleaved: every method is built again; `steps` rounds each run one full step (forward, backward,
    optimizer) of every method, in an order rotated every round, so drift and noise hit all methods alike. Median
    and p10-p90 spread per method.
+With `compile`, every method runs twice, eager and under `engine.compile` (`<method>+compile`), interleaved like
+the others; the first warm-up step of each build is timed apart (`first_step_s`: compilation, for a compiled one).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from ..adapters import count_parameters, parse_method_options
 from ..adapters.blocks import Recompute
 from ..distributed import all_reduce_max
 from ..models import build_backbone, checkpoint_units
-from .accounting import PeakMemory, model_state_bytes, saved_activation_bytes, zero_model_state_estimate
+from .accounting import (PeakMemory, fsdp_model_state_estimate, model_state_bytes, saved_activation_bytes,
+                         zero_model_state_estimate)
+
+COMPILED = "+compile"  # label suffix of a method's compiled run
 
 
 class BenchModel(nn.Module):
@@ -109,6 +114,10 @@ class BenchSpec:
     precision: str = "fp32"
     num_classes: int = 100
     seed: int = 0
+    compile: bool = False  # also measure every method under engine.compile
+
+    def labels(self) -> list[str]:
+        return [m + suffix for m in self.methods for suffix in ("", COMPILED)[: 2 if self.compile else 1]]
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -164,9 +173,10 @@ def _build(spec: BenchSpec, label: str, device: torch.device, world_size: int) -
     from ..config.schema import EngineConfig, OptimConfig
     from ..engine import build_engine
 
-    method, opts = parse_method(label)
+    compiled = label.endswith(COMPILED)
+    method, opts = parse_method(label.removesuffix(COMPILED))
     ecfg = EngineConfig(name=spec.engine, zero_stage=spec.zero_stage, precision=spec.precision,
-                        activation_checkpointing=spec.activation_checkpointing)
+                        activation_checkpointing=spec.activation_checkpointing, compile=compiled)
     torch.manual_seed(spec.seed)  # same frozen weights and head init for every method
     model = build_model(spec, method, opts)
     # the device given, not `pick_device()`: `--device cpu` on a GPU host measures the CPU
@@ -198,7 +208,12 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
     total, trainable = count_parameters(model.backbone)
     units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
     units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves
-    for _ in range(spec.warmup):
+    _sync(device)
+    t0 = time.perf_counter()
+    _step(engine, batch)  # the first warm-up step: compilation happens here under engine.compile
+    _sync(device)
+    first_step = all_reduce_max(time.perf_counter() - t0)
+    for _ in range(spec.warmup - 1):
         _step(engine, batch)
     saved, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()),
                                          checkpointed=units)
@@ -215,8 +230,11 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
     else:
         peak = state["total"] + saved  # the exact accounting; RSS is reported beside it
     head_trainable = count_parameters(model)[1] - trainable
-    estimate = zero_model_state_estimate(trainable + head_trainable, total - trainable, spec.precision,
-                                         spec.zero_stage if spec.engine != "ddp" else 0, world_size)
+    if spec.engine == "fsdp":
+        estimate = fsdp_model_state_estimate(trainable + head_trainable, total - trainable, world_size)
+    else:
+        estimate = zero_model_state_estimate(trainable + head_trainable, total - trainable, spec.precision,
+                                             spec.zero_stage if spec.engine != "ddp" else 0, world_size)
     row = {
         "method": label,
         "trainable": trainable,
@@ -226,7 +244,9 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
         "model_state_bytes": all_reduce_max(int(state["total"])),
         "model_state_breakdown": state,
         "model_state_estimate_bytes": estimate["total"],
+        "model_state_estimate_breakdown": estimate,
         "rss_peak_bytes": all_reduce_max(int(transient)) if device.type == "cpu" else None,
+        "first_step_s": first_step,
     }
     engine.release()
     del model, engine
@@ -236,7 +256,7 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
 
 def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> list[dict]:
     batch = make_batch(spec, device)
-    runs = [MethodRun(label, None, measure_memory(spec, label, batch, device, world_size)) for label in spec.methods]
+    runs = [MethodRun(label, None, measure_memory(spec, label, batch, device, world_size)) for label in spec.labels()]
     for r in runs if spec.steps > 0 else []:  # steps 0: memory only (a paper-size detector on a CPU)
         r.engine = _build(spec, r.label, device, world_size)[1]
 
@@ -268,7 +288,8 @@ def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> lis
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each method's peak memory, saved activations and step time as a ratio to `full` and to `fixed`."""
+    """Each method's peak memory, saved activations and step time as a ratio to `full` and to `fixed`; a compiled
+    run's step time also as a ratio to its eager run (`time_vs_eager`)."""
     by = {r["method"]: r for r in rows}
     for ref in ("full", "fixed"):
         if ref not in by:
@@ -277,3 +298,7 @@ def add_ratios(rows: list[dict]) -> None:
             for key, short in (("peak_mem_bytes", "peak"), ("step_time_s", "time"), ("saved_activation_bytes", "saved")):
                 base = by[ref][key]
                 r[f"{short}_vs_{ref}"] = r[key] / base if base and r[key] is not None else None
+    for r in rows:  # a compiled run against the same method eager, measured side by side
+        eager = by.get(r["method"].removesuffix(COMPILED)) if r["method"].endswith(COMPILED) else None
+        r["time_vs_eager"] = (r["step_time_s"] / eager["step_time_s"]
+                              if eager and r["step_time_s"] is not None and eager["step_time_s"] else None)

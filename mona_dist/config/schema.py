@@ -92,21 +92,25 @@ class ScheduleConfig(Section):
 
 
 class EngineConfig(Section):
-    name: Literal["deepspeed", "fairscale", "ddp"] = "deepspeed"
+    name: Literal["deepspeed", "fairscale", "ddp", "fsdp"] = "deepspeed"
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_params: bool = False  # deepspeed ZeRO-3: parameters on the CPU; fsdp: shards, grads and AdamW step there
     grad_clip: float = Field(0.0, ge=0.0)  # 0 disables clipping (DeepSpeed's own default would be 1.0)
     grad_accum: int = Field(1, ge=1)
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile per block (README: Compile); not with DeepSpeed ZeRO-3
+    # fsdp: free each block's gathered weights after its forward and gather them again in backward (ZeRO-3
+    # memory); False keeps them from forward to backward (one all-gather fewer per block). None: True.
+    reshard_after_forward: bool | None = None
     deepspeed_config: str | None = None  # JSON merged over the generated config; listed keys only (ALLOWED_OVERRIDES)
     # Cost knobs; None picks the default that the engine section of README describes.
     foreach: bool | None = None  # AdamW's multi-tensor kernels; None: on CUDA (hundreds of small adapter tensors)
     bucket_elements: int | None = Field(None, gt=0)  # ZeRO-1/2 reduce/allgather buckets; None: from trainable count
     overlap_comm: bool | None = None  # ZeRO-1/2 reduction beside backward; None: on CUDA with several ranks
     gradient_as_bucket_view: bool = True  # DDP: gradients are views into its buckets (no second copy)
-    broadcast_buffers: bool | None = None  # DDP: rank 0's buffers at each forward; None: only for plain BatchNorm
+    broadcast_buffers: bool | None = None  # DDP, fsdp: rank 0's (BN) buffers at each forward; None: plain BN only
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions for what runs in fp32
     cudnn_benchmark: bool | None = None  # CUDA: autotune convolutions; None: for the task's fixed-shape training
 
@@ -164,9 +168,23 @@ def combination_errors(engine: EngineConfig, train: TrainConfig | None = None) -
         errors.append(("engine.zero_stage", "the fairscale engine shards optimizer state: use stage 1 or 2, or engine.name=ddp"))
     if e.name == "fairscale" and e.precision == "fp16":
         errors.append(("engine.precision", "fp16 is not supported with the fairscale engine; use bf16 or fp32"))
-    if e.name != "deepspeed" and (e.offload_optimizer or e.offload_params):
+    if e.name == "fsdp" and e.zero_stage != 0:
+        errors.append(("engine.zero_stage", "fsdp shards parameters, gradients and optimizer state by itself (as "
+                       "ZeRO-3): set engine.zero_stage=0 with it (engine.reshard_after_forward=false: fewer "
+                       "all-gathers)"))
+    if e.name == "fsdp" and e.offload_optimizer:
+        errors.append(("engine.offload_optimizer", "fsdp offloads shards, gradients and the optimizer step together: "
+                       "set engine.offload_params instead"))
+    elif e.name not in ("deepspeed", "fsdp") and (e.offload_optimizer or e.offload_params):
         key = "engine.offload_optimizer" if e.offload_optimizer else "engine.offload_params"
-        errors.append((key, f"offload needs engine.name=deepspeed, not {e.name}"))
+        errors.append((key, f"offload needs engine.name=deepspeed or fsdp, not {e.name}"))
+    if e.name != "fsdp" and e.reshard_after_forward is not None:
+        errors.append(("engine.reshard_after_forward", f"applies to engine.name=fsdp, not {e.name}"))
+    if e.compile and e.name == "deepspeed" and e.zero_stage == 3:
+        # DeepSpeed 0.19 ZeRO-3 gathers weights in hooks on every submodule, inside the compiled block; they fail
+        # there (measured: AttributeError '_in_forward'). FSDP's hooks sit on the compiled block, outside it.
+        errors.append(("engine.compile", "does not work with DeepSpeed ZeRO-3 (its parameter hooks fail inside a "
+                       "compiled block); use engine.name=fsdp or ZeRO 0-2"))
     if e.name == "deepspeed" and e.offload_optimizer and e.zero_stage == 0:
         errors.append(("engine.offload_optimizer", "optimizer offload needs engine.zero_stage >= 1"))
     if e.name == "deepspeed" and e.offload_params and e.zero_stage != 3:

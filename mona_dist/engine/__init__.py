@@ -1,4 +1,5 @@
-"""Engines: functions applied to a plain model (DeepSpeed / fairscale / DDP), plus activation checkpointing.
+"""Engines: functions applied to a plain model (FSDP2 / DeepSpeed / fairscale / DDP), plus activation
+checkpointing and per-block compile, applied in that order: checkpointing, compile, then the engine.
 
 `build_engine(model, cfg, optim, micro_batch_size, world_size)` picks the engine named by
 `cfg.name`; the heavy libraries are imported only for the engine that is used.
@@ -29,16 +30,24 @@ __all__ = [
 def build_engine(model: nn.Module, cfg: EngineConfig, optim: OptimConfig, *, micro_batch_size: int,
                  world_size: int = 1, device: torch.device | None = None, fixed_shape: bool = False) -> Engine:
     """Wrap `model` for training on `device` (default `pick_device()`: this rank's GPU, else the CPU).
-    Multi-rank (and fairscale/DeepSpeed) need an initialised process group. `fixed_shape` says the task trains on
-    inputs of one (or a few) shapes: `engine.cudnn_benchmark` then defaults to on."""
+    Multi-rank (and fsdp/fairscale/DeepSpeed) need an initialised process group. `fixed_shape` says the task
+    trains on inputs of one (or a few) shapes: `engine.cudnn_benchmark` then defaults to on."""
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if cfg.compile:
+        from mona_dist.engine.compile import compile_blocks
+
+        compile_blocks(model)
     device = device if device is not None else pick_device()
     configure_backends(cfg, device)
     if cfg.name == "deepspeed":
         from mona_dist.engine.deepspeed_engine import DeepSpeedEngine
 
         engine: Engine = DeepSpeedEngine(model, cfg, optim, device, micro_batch_size, world_size)
+    elif cfg.name == "fsdp":
+        from mona_dist.engine.fsdp_engine import FSDPEngine
+
+        engine = FSDPEngine(model, cfg, optim, device)
     elif cfg.name == "fairscale":
         from mona_dist.engine.fairscale_engine import FairscaleEngine
 

@@ -164,4 +164,5 @@ class Engine(ABC):
         """Collective: every trainable tensor, whole, on the CPU, by state_dict name. The torch engines train fp32
         weights under autocast, so these are the weights themselves."""
         with self.exported() as model:
-            return {k: v.cpu() for k, v in trainable_state_dict(model).items()}
+            # copies: on the CPU, .cpu() would hand back the live weights, which the next step changes
+            return {k: v.detach().to("cpu", copy=True) for k, v in trainable_state_dict(model).items()}

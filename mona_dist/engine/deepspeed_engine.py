@@ -343,7 +343,7 @@ class DeepSpeedEngine(Engine):
         for name, param in self.model.named_parameters():
             if param.requires_grad:  # same order on every rank: each call is collective
                 master = safe_get_full_fp32_param(param)
-                out[clean_name(name)] = (master if master is not None else param.detach()).float().cpu()
+                out[clean_name(name)] = (master if master is not None else param.detach()).to("cpu", torch.float32, copy=True)
         return out
 
     @contextlib.contextmanager

@@ -164,3 +164,23 @@ def test_each_method_is_measured_alone_on_the_device_asked_for(monkeypatch):
     assert alive_at_build == [0, 0, 0, 0, 1, 2]
     gc.collect()
     assert all(ref() is None for ref in built)  # and all released at the end
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_holds_half_the_model_state_per_rank(tmp_path):
+    """`mona-dist bench --engine fsdp` under torchrun: what each rank holds is the 1/world estimate (fp32 shards of
+    every weight, AdamW moments of the trainable ones). Gradients are freed by the step before the reading."""
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "mona_dist.cli", "bench", "--backbone", "swin_nano_patch4_window7", "--methods", "full,e3va",
+           "--engine", "fsdp", "--batch-size", "1", "--img-size", "64", "--steps", "1", "--warmup", "1",
+           "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())}
+    for method, r in rows.items():
+        measured, estimate = r["model_state_breakdown"], r["model_state_estimate_breakdown"]
+        for part in ("params", "optimizer"):  # shards are padded to a multiple of the world size: a little more
+            assert estimate[part] <= measured[part] <= 1.02 * estimate[part], (method, part, measured, estimate)
+    assert rows["e3va"]["model_state_bytes"] < rows["full"]["model_state_bytes"]
+    assert "1/world estimate MiB/rank" in (out / "bench.md").read_text()

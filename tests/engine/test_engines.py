@@ -21,6 +21,9 @@ VARIANTS = [
     {"name": "deepspeed", "zero_stage": 3},
     {"name": "deepspeed", "zero_stage": 2, "grad_accum": 2},
     {"name": "deepspeed", "zero_stage": 2, "precision": "bf16"},
+    {"name": "fsdp"},  # the toy has no Backbone: FSDP shards the root only
+    {"name": "fsdp", "grad_accum": 2},
+    {"name": "fsdp", "precision": "bf16"},
 ]
 
 
@@ -39,7 +42,7 @@ def results(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["ddp0fp32a1", "ddp0fp32a2", "fairscale1fp32a1", "fairscale2fp32a1",
                                  "deepspeed1fp32a1", "deepspeed2fp32a1", "deepspeed3fp32a1", "deepspeed2fp32a2",
-                                 "deepspeed2bf16a1"])
+                                 "deepspeed2bf16a1", "fsdp0fp32a1", "fsdp0fp32a2", "fsdp0bf16a1"])
 def test_engine_learns_and_keeps_frozen_weights(results, key):
     r = results[key]
     assert all(math.isfinite(x) for x in r["losses"])
@@ -51,7 +54,7 @@ def test_engine_learns_and_keeps_frozen_weights(results, key):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["ddp0fp32a1", "fairscale1fp32a1", "fairscale2fp32a1", "deepspeed1fp32a1",
-                                 "deepspeed2fp32a1", "deepspeed3fp32a1"])
+                                 "deepspeed2fp32a1", "deepspeed3fp32a1", "fsdp0fp32a1", "fsdp0fp32a2"])
 def test_engine_state_round_trip(results, key):
     """A fresh engine (trainable weights scrambled) loaded from the checkpoint continues exactly like the original."""
     r = results[key]
@@ -60,7 +63,7 @@ def test_engine_state_round_trip(results, key):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["deepspeed2fp32a1", "deepspeed1fp32a1", "deepspeed3fp32a1",
-                                 "fairscale1fp32a1", "fairscale2fp32a1"])
+                                 "fairscale1fp32a1", "fairscale2fp32a1", "fsdp0fp32a1"])
 def test_sharded_engines_match_ddp(results, key):
     """Same model, same data, fp32: every sharded engine gives DDP's losses within float tolerance.
 
@@ -76,8 +79,10 @@ def test_ddp_keeps_gradients_in_its_buckets_and_broadcasts_no_buffers(results, k
 
 @pytest.mark.slow
 def test_grad_accum_agrees_across_engines(results):
-    """Two micro-batches per step: DDP (no_sync on the first) and DeepSpeed's own accumulation agree."""
+    """Two micro-batches per step: DDP (no_sync on the first), DeepSpeed's own accumulation and FSDP's
+    (reduce-scatter per micro-batch) agree."""
     assert results["ddp0fp32a2"]["losses"] == pytest.approx(results["deepspeed2fp32a2"]["losses"], rel=1e-4, abs=1e-5)
+    assert results["ddp0fp32a2"]["losses"] == pytest.approx(results["fsdp0fp32a2"]["losses"], rel=1e-4, abs=1e-5)
 
 
 SWIN_VARIANTS = [
