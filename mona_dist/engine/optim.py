@@ -7,8 +7,8 @@ frozen backbone weights hold no optimizer state under any engine.
 
 Custom keys are substrings of *official* parameter names, so they are matched against names spelled that way
 (`official_name`): the task model's `Backbone` stands where the official model has `backbone`, and every other
-parameter keeps its name below the module that holds the backbone (torchvision's `detector.backbone.fpn.*` becomes
-`fpn.*`, as mmdet's `neck.*` never contains "backbone"). Inside the backbone our names differ from the official
+parameter keeps its name below the module that holds the backbone (the detectors' `net.neck.*` becomes mmdet's
+`neck.*`, which never contains "backbone"). Inside the backbone our names differ from the official
 ones only where no key looks (`trunk.`, `post_attn` for `my_module_1`, `out_norms.i` for `norm{i}`): a name
 contains "norm", "relative_position_bias_table" or "absolute_pos_embed" exactly when its official counterpart does.
 

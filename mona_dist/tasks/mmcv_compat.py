@@ -149,6 +149,9 @@ def _build() -> types.ModuleType:
     ext.__getattr__ = __getattr__
     ext.missing_kernels = missing  # names mmcv asked for that raise NotImplementedError
     ext.__mona_dist_standin__ = True
+    # mmengine's `mmcv_full_available` (its optimizer constructor asks it) runs pkgutil.find_loader("mmcv._ext"),
+    # which raises on a module without a spec. A spec without a loader answers "mmcv-lite", as before the stand-in.
+    ext.__spec__ = importlib.machinery.ModuleSpec(EXT_NAME, None)
     return ext
 
 

@@ -42,12 +42,12 @@ def official_container(task: str, model: nn.Module) -> nn.Module:
         root.backbone, root.decode_head, root.auxiliary_head = model.backbone, model.net.decode_head, \
             model.net.auxiliary_head
     else:
-        d = model.detector
-        root.backbone, root.neck = d.backbone.body, d.backbone.fpn
+        d = model.net  # mmdet's detector: our Backbone wraps the Swin as `body` under mmdet's `backbone`
+        root.backbone, root.neck = d.backbone.body, d.neck
         if task == "coco":
-            root.rpn_head, root.roi_head = d.rpn, d.roi_heads
+            root.rpn_head, root.roi_head = d.rpn_head, d.roi_head
         else:
-            root.bbox_head = d.head
+            root.bbox_head = d.bbox_head
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in root.parameters() if p.requires_grad}, "container misses trainable params"
     return root
@@ -114,9 +114,9 @@ def test_official_facts_per_recipe():
     assert {seg[f"{mona}.{leaf}"] for leaf in ("norm.weight", "norm.bias", "gamma", "gammax", "project1.bias")} == {0.05}
     assert seg["net.decode_head.bottleneck.bn.weight"] == 0.05  # mmseg names BN "bn": no "norm" key, no norm rule
     coco = decisions(build("coco", "mona"), OFFICIAL["coco/voc (all methods)"])
-    m = "detector.backbone.body.trunk.layers.0.blocks.0.post_mlp"
+    m = "net.backbone.body.trunk.layers.0.blocks.0.post_mlp"
     assert coco[f"{m}.norm.weight"] == 0.0 and coco[f"{m}.gamma"] == 0.05 and coco[f"{m}.project2.bias"] == 0.05
-    assert coco["detector.backbone.fpn.inner_blocks.0.0.bias"] == 0.05
+    assert coco["net.neck.lateral_convs.0.conv.bias"] == 0.05  # no bias rule in the dense recipes
     cls = decisions(build("cls", "mona"), OFFICIAL["cls (mmcls imagenet_bs1024_adamw_swin)"])
     m = "backbone.trunk.layers.1.blocks.1.post_attn"
     assert cls[f"{m}.norm.weight"] == 0.0 and cls[f"{m}.project1.bias"] == 0.0 and cls["head.bias"] == 0.0
@@ -144,8 +144,8 @@ def test_key_matching_sees_what_the_official_names_show(method):
         official = official_spelling(name)
         assert [k in ours_name for k in keys] == [k in official for k in keys], (ours_name, official)
     assert official_name("net.decode_head.conv_seg.weight", "net.backbone.body") == "decode_head.conv_seg.weight"
-    assert official_name("detector.backbone.fpn.layer_blocks.0.0.weight", "detector.backbone.body") == \
-        "fpn.layer_blocks.0.0.weight"  # mmdet's neck: no "backbone" in its names
+    assert official_name("net.neck.fpn_convs.0.conv.weight", "net.backbone.body") == \
+        "neck.fpn_convs.0.conv.weight"  # mmdet's neck: no "backbone" in its names
     assert official_name("head.bias", "backbone") == "head.bias"
 
 

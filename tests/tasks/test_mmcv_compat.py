@@ -28,6 +28,14 @@ def test_stand_in_is_used_only_without_compiled_ops(monkeypatch):
     assert mmcv_compat.install() is False and "mmcv._ext" not in sys.modules
 
 
+def test_mmengine_reads_the_stand_in_as_mmcv_lite():
+    """mmengine's optimizer constructor asks `mmcv_full_available` (pkgutil.find_loader), which raised
+    "mmcv._ext.__spec__ is None" on the stand-in; it must answer as for mmcv-lite."""
+    from mmengine.utils.dl_utils import mmcv_full_available
+
+    assert mmcv_compat.standin() is not None and mmcv_full_available() is False
+
+
 def test_upstream_mmcv_lite_still_ships_no_compiled_extension():
     # If this fails, an mmcv with compiled ops is installed: install() then leaves it alone (drop the stand-in).
     assert mmcv_compat.compiled_ext_available() is False
