@@ -299,7 +299,7 @@ class ShardLoader:
         return StreamSpec(
             self.shards, self.train, self.rank, self.world_size, self.num_workers, self.seed, self.epoch,
             self.batch_size, self.drop_last, self.shuffle_buffer, self.resampled, self.epoch_samples,
-            self.equal_eval_batches, rotation=self._next_worker, resume=tuple(self._resume),
+            self.equal_eval_batches, rotation=self._next_worker, resume=tuple(self._resume), records=self.records,
         )
 
     def __len__(self) -> int:
