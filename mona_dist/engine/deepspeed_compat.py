@@ -17,13 +17,21 @@ them, and the next pass stalled in swap.
 
 Once every rank has mapped every buffer, the names are no longer needed. Unlinking them leaves the mappings
 working, and the kernel frees the memory when the last rank exits, however it exits.
+
+3. Optimizer state of every parameter group but the first (`link_optimizer_states`). ZeRO 1-2 in DeepSpeed 0.19
+steps its parameter groups one at a time (`_optimizer_step(i)`), and after the first group's step links each
+parameter to its Adam moments (`_lazy_init_hp_params_optimizer_state`) and marks that done. The other groups have no
+state yet at that moment, so their parameters are linked to nothing, for good, and
+`deepspeed.utils.safe_get_full_optimizer_state` fails on them: "exp_avg not found in optimizer state fragment".
+Every run with more than one group (the recipes' paramwise weight-decay groups) hit it at its first checkpoint.
+Parameters left unlinked are linked again, to the state that exists by then.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 from mona_dist.distributed import barrier, get_state
 
@@ -85,3 +93,25 @@ def release_cpu_allreduce_buffer() -> Optional[Path]:
     except FileNotFoundError:  # no shm all-reduce in this job (not all ranks local), or released already
         return None
     return path
+
+
+def link_optimizer_states(optimizer: Any, params: Iterable[Any]) -> int:
+    """Link the parameters DeepSpeed left without Adam moments to their group's state (workaround 3 above).
+
+    `optimizer` is the DeepSpeed ZeRO 1-2 / bf16 optimizer (`engine.optimizer`); its base optimizer holds one flat
+    fp32 partition per group. Returns how many parameters were linked; ZeRO-3 (no `_hp_mapping`) needs none.
+    """
+    base = getattr(optimizer, "optimizer", None)
+    if base is None:
+        return 0
+    flats = [g["params"][0] if g["params"] else None for g in base.param_groups]
+    linked = 0
+    for p in params:
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None or mapping.optim_fragment:
+            continue
+        flat = flats[mapping.param_group_index]
+        if flat is not None and base.state.get(flat):
+            mapping.set_optim_state_fragment(flat, base.state[flat])
+            linked += 1
+    return linked

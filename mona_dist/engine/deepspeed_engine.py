@@ -26,7 +26,7 @@ from mona_dist.adapters.io import clean_name
 from mona_dist.config.loader import ConfigError, deep_merge
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine.base import DTYPES, Engine
-from mona_dist.engine.deepspeed_compat import drop_stale_groups, release_cpu_allreduce_buffer
+from mona_dist.engine.deepspeed_compat import drop_stale_groups, link_optimizer_states, release_cpu_allreduce_buffer
 from mona_dist.engine.optim import build_adamw, param_groups
 from mona_dist.engine.precision import match_engine_dtype
 from mona_dist.serialization import safe_torch_load
@@ -256,6 +256,8 @@ class DeepSpeedEngine(Engine):
         base = self.ds.optimizer.optimizer
         moments = bool(base.state)  # empty before the first step, on every rank alike
         out: dict[str, Any] = {"weights": {}, **{k: {} for k in MOMENTS}}
+        if moments:
+            link_optimizer_states(self.ds.optimizer, self._trainable().values())  # deepspeed_compat.py, 3
         for name, p in self._trainable().items():  # the same order on every rank: each call is collective
             out["weights"][name] = safe_get_full_fp32_param(p).float().cpu()
             for key in MOMENTS if moments else ():

@@ -65,3 +65,28 @@ def test_our_engine_survives_a_rebuilt_world(one_rank_env):
         loss = engine.module(torch.ones(2, 4)).sum()
         engine.backward(loss)
         engine.step()
+
+
+@pytest.mark.slow
+def test_upstream_zero2_links_moments_of_the_first_group_only(one_rank_env):
+    """DeepSpeed 0.19 ZeRO-2 with two parameter groups: after a step, the second group's parameters have no Adam
+    moments linked. If this stops failing, DeepSpeed links every group itself and link_optimizer_states can go."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from mona_dist.engine.deepspeed_compat import link_optimizer_states
+
+    new_world()
+    drop_stale_groups()
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    groups = [{"params": list(model[0].parameters()), "weight_decay": 0.05},
+              {"params": list(model[1].parameters()), "weight_decay": 0.0}]
+    config = {**DS_CONFIG, "zero_optimization": {"stage": 2}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups), config=config)
+    engine.backward(engine(torch.ones(2, 4)).sum())
+    engine.step()
+    with pytest.raises(ValueError, match="exp_avg not found"):
+        safe_get_full_optimizer_state(model[1].weight, "exp_avg")
+    assert link_optimizer_states(engine.optimizer, model.parameters()) == 2  # the LayerNorm's weight and bias
+    for p in model.parameters():
+        assert safe_get_full_optimizer_state(p, "exp_avg").shape == p.shape
