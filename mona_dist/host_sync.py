@@ -30,6 +30,11 @@ def to_host(t: torch.Tensor, site: str) -> torch.Tensor:
     return t.detach().to("cpu")
 
 
+def to_numpy(t: torch.Tensor, site: str) -> Any:
+    """`to_host(t, site)` as a numpy array (for libraries that take numpy, e.g. mmdet's BitmapMasks)."""
+    return to_host(t, site).numpy()
+
+
 def synchronize(device: torch.device, site: str) -> None:
     """Wait for `device` (a no-op on the CPU, counted either way)."""
     SYNCS[site] += 1

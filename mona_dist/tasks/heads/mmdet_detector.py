@@ -38,6 +38,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from mona_dist.data.preprocess import DataPreprocessor
+from mona_dist.host_sync import to_numpy
 from mona_dist.tasks.base import scored_batches
 
 from .. import mmcv_compat
@@ -187,7 +188,9 @@ class MMDetDetector(nn.Module):
                 keep = ~t["difficult"].bool() if "difficult" in t else slice(None)
                 gt = InstanceData(bboxes=t["boxes"][keep].float(), labels=t["labels"][keep] - 1)
                 if self.with_masks:
-                    gt.masks = BitmapMasks(t["masks"][keep].cpu().numpy(), h, w)  # mmdet crops them on the host
+                    # mmdet 3.3 crops the target masks on the host (BitmapMasks, numpy), as in the official runs:
+                    # one deliberate device -> host copy per image and step
+                    gt.masks = BitmapMasks(to_numpy(t["masks"][keep], "mmdet_gt_masks"), h, w)
                 sample.gt_instances = gt
             samples.append(sample)
         return inputs, samples
