@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-import torch.multiprocessing as mp
 
 from engine_workers import run_swin_mona, run_variants
-from ports import free_port
+from multirank import spawn_variants
 
 VARIANTS = [
     {"name": "ddp"},
@@ -25,13 +23,6 @@ VARIANTS = [
     {"name": "fsdp", "grad_accum": 2},
     {"name": "fsdp", "precision": "bf16"},
 ]
-
-
-def spawn_variants(tmp_path_factory, worker, variants: list[dict]) -> dict:
-    """Runs `worker` on 2 ranks over `variants`; rank 0's results, keyed by variant."""
-    out = tmp_path_factory.mktemp(worker.__name__) / "results.pt"
-    mp.spawn(worker, args=(2, free_port(), variants, str(out)), nprocs=2, join=True)
-    return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")

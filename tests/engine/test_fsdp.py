@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 
 from fsdp_workers import run_batchnorm, run_compiled, run_methods
 from mona_dist.config.schema import EngineConfig, TrainConfig, combination_errors
-from ports import free_port
+from multirank import spawn_variants
 
 METHODS = ["mona", "lora", "e3va", "mona_hw"]
 VARIANTS = (
@@ -31,15 +30,9 @@ VARIANTS = (
 )
 
 
-def spawn(tmp_path_factory, worker, variants: list[dict]) -> dict:
-    out = tmp_path_factory.mktemp(worker.__name__) / "results.pt"
-    mp.spawn(worker, args=(2, free_port(), variants, str(out)), nprocs=2, join=True)
-    return torch.load(out, weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return spawn(tmp_path_factory, run_methods, VARIANTS)
+    return spawn_variants(tmp_path_factory, run_methods, VARIANTS)
 
 
 @pytest.mark.slow
@@ -118,7 +111,7 @@ def test_one_rank_loads_what_two_ranks_saved(results, key):
 def test_plain_batchnorm_statistics_come_from_rank_0_as_under_ddp(tmp_path_factory):
     """Buffers are not sharded; plain BatchNorm's running statistics are sent from rank 0 before each forward (the
     DDP default), so every rank evaluates with the same ones. Without the broadcast they drift apart."""
-    r = spawn(tmp_path_factory, run_batchnorm, [
+    r = spawn_variants(tmp_path_factory, run_batchnorm, [
         {"key": "ddp", "engine": {"name": "ddp"}},
         {"key": "fsdp", "engine": {"name": "fsdp"}},
         {"key": "fsdp-own", "engine": {"name": "fsdp", "broadcast_buffers": False}},
@@ -131,7 +124,7 @@ def test_plain_batchnorm_statistics_come_from_rank_0_as_under_ddp(tmp_path_facto
 def test_compiled_blocks_give_eager_losses(tmp_path_factory):
     """torch.compile per block (inductor, C++ on CPU) composed with FSDP and activation checkpointing: the same
     losses as eager, and dynamo really compiled the blocks, without graph breaks."""
-    r = spawn(tmp_path_factory, run_compiled, [
+    r = spawn_variants(tmp_path_factory, run_compiled, [
         {"key": "eager", "engine": {"name": "fsdp"}},
         {"key": "compiled", "engine": {"name": "fsdp", "compile": True, "activation_checkpointing": True}},
     ])
