@@ -321,11 +321,8 @@ class DeepSpeedEngine(Engine):
         for flat in flats:
             if not base.state.get(flat):
                 base.state[flat] = {"step": count, **{k: torch.zeros_like(flat) for k in MOMENTS}}
-        for p in self._trainable().values():
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is not None:  # ZeRO 1-2 / bf16 optimizer; ZeRO-3 reads base.state directly
-                flat = flats[mapping.param_group_index]
-                mapping.set_optim_state_fragment(flat, base.state[flat])
+        # ZeRO 1-2 / bf16 optimizer: link the parameters to the state just made; ZeRO-3 reads base.state directly
+        link_optimizer_states(opt, self._trainable().values())
 
     def load(self, directory: Path) -> None:
         if not (Path(directory) / TAG).is_dir():
