@@ -119,3 +119,21 @@ def test_adapter_files_are_checked_for_dtype_and_finiteness(tmp_path, bad, said)
     with pytest.raises(ValueError, match=said) as info:
         load_adapter(model, path)
     one_line(info)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["params", "--backbone", "swin_nano_patch4_window7", "--method", "lora", "--option", "rank=0"],
+     "rank: .*greater than 0"),
+    (["params", "--backbone", "swin_nano_patch4_window7", "--method", "lora", "--option", "rank=abc"], "rank: "),
+    (["params", "--backbone", "swin_nano_patch4_window7", "--method", "lora", "--option", "rank=[1"], "rank"),
+    (["bench", "--backbone", "swin_nano_patch4_window7", "--methods", "full,lora:rank=abc", "--steps", "1"],
+     "rank: "),
+    (["bench", "--backbone", "swin_nano_patch4_window7", "--methods", "mona:inner_dim=-1", "--steps", "1"],
+     "inner_dim: .*greater than 0"),
+], ids=["params-bound", "params-type", "params-yaml", "bench-type", "bench-bound"])
+def test_method_options_on_the_command_line_are_one_line(argv, said, capsys):
+    from mona_dist.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"mona-dist {argv[0]}: error: ") and re.search(said, err), err

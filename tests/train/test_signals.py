@@ -3,6 +3,7 @@ exits 75, while its DataLoader workers ignore the signal (torch's worker handler
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from test_distributed_runs import finish, launch, step_losses, wait_for
+from test_fsdp_runs import torchrun
 from train_helpers import REPO, tiny_config
 
 
@@ -70,3 +72,33 @@ def test_group_sigterm_to_a_two_rank_deepspeed_launcher_run_checkpoints_and_ever
     assert 2 <= at < 400 and max(step_losses(out_dir)) == at
     assert f"rank 1: pre-empted at step {at}; exiting 75" in out
     assert group_gone(proc.pid)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_a_deepspeed_run_with_a_checkpoint_that_one_rank_resumes(tmp_path, cls_shards):
+    # DeepSpeed's engine (ZeRO-2) under torchrun: torchrun starts each rank in a session of its own, so a signal to
+    # its group reaches torchrun alone, which forwards SIGTERM to the ranks and waits for them
+    cfg, out_dir = long_run(tmp_path, cls_shards, name="deepspeed", zero_stage=2), tmp_path / "run"
+    proc = torchrun(cfg, "--set", f"output_dir={out_dir}", "--set", "data.workers=1")
+    wait_for(lambda: (out_dir / "metrics.jsonl").is_file() and len(step_losses(out_dir)) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, out = finish(proc, timeout=120)
+    assert "pre-empted: checkpoint" in out and "killed by signal" not in out, out[-3000:]
+    at = stopped_at(out_dir)
+    assert 2 <= at < 400 and max(step_losses(out_dir)) == at
+    assert f"rank 1: pre-empted at step {at}; exiting 75" in out
+    assert {p.name for p in (out_dir / "checkpoints" / "latest").iterdir()} >= {"engine", "rank-00000.pt",
+                                                                               "rank-00001.pt", "meta.json"}
+
+    # The requeued job landed on one rank: it continues from that checkpoint, one metrics record per step.
+    resume = ["--set", f"output_dir={out_dir}", "--set", f"train.max_steps={at + 2}", "--set", "data.workers=1",
+              "--set", "train.ckpt_interval=100", "--resume", "auto"]
+    rc, out = finish(torchrun(cfg, *resume, ranks=1))
+    assert rc == 0, out[-3000:]
+    assert f"at step {at}" in out
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, at + 3)), steps  # no step twice, none missing
+    assert all(0 < r["loss"] < 10 for r in records if "loss" in r)
+    meta = json.loads((out_dir / "checkpoints" / "latest" / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["step"] == at + 2 and meta["engine"] == "deepspeed"
