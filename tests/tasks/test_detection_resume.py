@@ -1,6 +1,6 @@
-"""The Cascade Mask R-CNN task on 2 CPU ranks through the deepspeed launcher (ZeRO-2, activation checkpointing):
-SIGKILL after a checkpoint, then `--resume latest`, gives every step's loss of the uninterrupted run, bit for bit
-(mmdet's samplers draw from torch's generator, which the checkpoint restores)."""
+"""SIGKILL after a checkpoint, then `--resume latest`, gives every step's loss of the uninterrupted run, bit for bit:
+the Cascade Mask R-CNN task on 2 CPU ranks through the deepspeed launcher (ZeRO-2, activation checkpointing; mmdet's
+samplers draw from torch's generator, which the checkpoint restores), and the RetinaNet (voc) task in one process."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def launch(overrides: list[str], *args: str) -> subprocess.Popen:
+def launch(task: str, overrides: list[str], *args: str) -> subprocess.Popen:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "PATH": f"{BIN}:{os.environ['PATH']}"}
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-           "--config", str(ROOT / "configs" / "cpu" / "coco.yaml"), *args]
+    # coco: 2 ranks under the deepspeed launcher; voc: one plain process
+    ranks = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())] if task == "coco" else \
+        [sys.executable]
+    cmd = [*ranks, "launch/train.py", "--config", str(ROOT / "configs" / "cpu" / f"{task}.yaml"), *args]
     for item in overrides:
         cmd += ["--set", item]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -45,10 +47,11 @@ def step_losses(out: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_cascade_sigkill_and_resume_gives_the_same_losses(tmp_path):
+@pytest.mark.parametrize("task", ["coco", "voc"])
+def test_detector_sigkill_and_resume_gives_the_same_losses(tmp_path, task):
     from mona_dist.data.synthetic import build
 
-    build("coco", str(tmp_path / "data"), num_train=24, num_val=4, size=64)
+    build(task, str(tmp_path / "data"), num_train=24, num_val=4, size=64)
     shards = tmp_path / "data" / "shards"
 
     def overrides(run: Path) -> list[str]:
@@ -57,7 +60,7 @@ def test_cascade_sigkill_and_resume_gives_the_same_losses(tmp_path):
                 "train.eval_at_end=false", "engine.activation_checkpointing=true", "monitor.progress_bar=false"]
 
     full_out, killed_out = tmp_path / "full", tmp_path / "killed"
-    full, killed = launch(overrides(full_out)), launch(overrides(killed_out))
+    full, killed = launch(task, overrides(full_out)), launch(task, overrides(killed_out))
     latest = killed_out / "checkpoints" / "latest"
     end = time.monotonic() + 600
     while not (latest / "meta.json").is_file():
@@ -70,7 +73,7 @@ def test_cascade_sigkill_and_resume_gives_the_same_losses(tmp_path):
     assert full.returncode == 0, out[-3000:]
     stopped = int(os.readlink(latest).removeprefix("step-"))
     assert stopped < 6
-    resumed = launch(overrides(killed_out), "--resume", "latest")
+    resumed = launch(task, overrides(killed_out), "--resume", "latest")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     assert f"at step {stopped}" in out
