@@ -10,6 +10,7 @@ import torch.distributed as tdist
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine import build_engine
 
+from multirank import step_mean_loss
 from toy import frozen_and_trainable, init_group, toy_batch, toy_model, write_result
 
 OPTIM = OptimConfig(lr=3e-2, weight_decay=0.01)
@@ -99,12 +100,7 @@ def run_swin_mona(rank: int, world_size: int, port: int, variants: list[dict], o
                               world_size=world_size)
         losses = []
         for _ in range(10):
-            loss = engine(batch)["loss"]
-            engine.backward(loss)
-            engine.step()
-            t = loss.detach().float().reshape(1)
-            tdist.all_reduce(t)
-            losses.append(t.item() / world_size)
+            losses.append(step_mean_loss(engine, batch))
         if cfg.zero_stage == 3:  # frozen weights are partitioned too: gather everything to compare
             import deepspeed
 

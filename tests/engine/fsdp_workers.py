@@ -12,6 +12,7 @@ from mona_dist.adapters.io import clean_name
 from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine import build_engine
 
+from multirank import step_mean_loss
 from toy import frozen_and_trainable, init_group, write_result
 
 OPTIM = OptimConfig(lr=3e-3, weight_decay=0.01)
@@ -48,12 +49,7 @@ def steps(engine, rank: int, start: int, n: int, size: int = 32) -> list[float]:
     losses = []
     for step in range(start, start + n):
         torch.manual_seed(step)
-        loss = engine(batch(rank, size))["loss"]
-        engine.backward(loss)
-        engine.step()
-        t = loss.detach().float().reshape(1)
-        tdist.all_reduce(t)
-        losses.append(t.item() / tdist.get_world_size())
+        losses.append(step_mean_loss(engine, batch(rank, size)))
     return losses
 
 

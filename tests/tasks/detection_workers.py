@@ -8,6 +8,7 @@ import torch
 import torch.distributed as tdist
 
 from dense_data import det_batches
+from multirank import step_mean_loss
 
 TINY = {
     "coco": dict(fpn_channels=32, conv_channels=32, fc_channels=64, mask_channels=32, anchor_scale=4,
@@ -51,12 +52,7 @@ def run_detectors(rank: int, world_size: int, port: int, variants: dict[str, lis
             losses = []
             for step in range(3):
                 batch = det_batches(100 * step + rank, 2, 2, with_masks=task == "coco")[0]
-                loss = engine(batch)["loss"]
-                engine.backward(loss)
-                engine.step()
-                t = loss.detach().float().reshape(1)
-                tdist.all_reduce(t)
-                losses.append(t.item() / world_size)
+                losses.append(step_mean_loss(engine, batch))
             frozen1, trainable1 = snapshot(model)
             moved = [k for k in trainable0 if not torch.equal(trainable0[k], trainable1[k].to(trainable0[k].dtype))]
             results[f"{task}-{cfg.name}{cfg.zero_stage}{'-ac' if cfg.activation_checkpointing else ''}"] = {
