@@ -216,7 +216,9 @@ def value_of(cfg: Any, key: str) -> Any:
     for part in path:
         node = node.get(part) if isinstance(node, dict) else getattr(node, part)
     if key == "model.pretrained" and node:
-        return os.path.basename(node)
+        from mona_dist.models.hub import release_file  # a timm tag: the release file its pretrained_cfg names
+
+        return release_file(node) or os.path.basename(node)
     return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
 
 

@@ -157,7 +157,8 @@ def build_backbone(
     swin_arithmetic: str = "official",
     **method_options,
 ) -> Backbone:
-    """Build a registered timm Swin/ViT, apply `method`, then load `pretrained` (a local file).
+    """Build a registered timm Swin/ViT, apply `method`, then load `pretrained`: a local file, or a timm
+    pretrained tag / `timm/<name>` / `hf-hub:<repo>` fetched through the Hugging Face cache (models/hub.py).
 
     Weights load after the method is applied, so official Mona checkpoints (which carry the Mona modules) load
     whole: see `mona_dist.models.pretrained.load_pretrained` for the formats. `swin_arithmetic`: "official" (the

@@ -1,4 +1,7 @@
-"""Loading local pretrained weights into a Backbone, whatever format they come in.
+"""Loading pretrained weights into a Backbone, whatever format they come in.
+
+`path` is a local file, or a name that hub.py resolves to one (a timm pretrained tag, `timm/<name>`,
+`hf-hub:<repo>`): the file then loads exactly like a local one, with the same report.
 
 Accepted (detected from the keys, never from the file name):
 - timm format: `layers.N.blocks.M...` (downsample at the start of a stage), `norm.*`, `head.fc.*`;
@@ -173,9 +176,14 @@ def _resize_to(sd: dict[str, torch.Tensor], bb) -> dict[str, torch.Tensor]:
 def load_pretrained(bb, path: str | Path, strict: bool | None = None) -> LoadReport:
     """Load `path` into backbone `bb` (method already applied); raise if under 90 % of the trunk loaded, or (with
     `strict`, the default) if the file holds another architecture (module docstring)."""
+    from .hub import resolve_pretrained
+
     policy = _POLICY.get()
     strict = strict if strict is not None else (policy[0] if policy is not None else True)
-    sd = to_backbone_names(read_checkpoint(path), bb)
+    file = resolve_pretrained(path)
+    if str(file) != str(path):  # a name: the report says which file it meant
+        path = f"{path} ({file})"
+    sd = to_backbone_names(read_checkpoint(file), bb)
     own = bb.state_dict()
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     trunk_expected = {f"trunk.{k}" for k in bb.trunk_keys}
