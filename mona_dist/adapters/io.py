@@ -1,20 +1,37 @@
 """Parameter counts and adapter-only files.
 
 An adapter file is a safetensors file holding every parameter with `requires_grad` (the method's modules, and a
-task's head when saved from a whole model), named as in `state_dict()`, plus string metadata (method, backbone...).
-It loads onto a freshly built model of the same kind; nothing in it can run code. Loading checks every tensor:
-floating point (int8 or bool weights are a foreign or corrupt file, not something to cast) and finite.
+task's head when saved from a whole model), named as in `state_dict()`, plus string metadata that describes it:
+
+    format            mona-dist-adapter/2
+    method            mona                          method_options  {"dropout": 0.1, "inner_dim": 64, ...} (JSON,
+    backbone          swin_large_patch4_window7_224                   every option, defaults filled in)
+    out_indices       [0, 1, 2, 3] (JSON)           swin_arithmetic official
+    backbone_prefix   "backbone." (where the backbone's tensors sit in the file; "" for a bare backbone)
+    task, step, pretrained   when the trainer saved it     mona_dist   the package version that wrote it
+
+It loads onto a freshly built model of the same kind; nothing in it can run code. Loading checks the metadata
+against the model (another method, backbone, options or outputs is one line naming both values; files written
+before the metadata existed load unchecked) and every tensor: floating point (int8 or bool weights are a foreign or
+corrupt file, not something to cast) and finite. `mona_dist.models.build_backbone_from_adapter` builds the backbone
+a file describes.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+ADAPTER_FORMAT = "mona-dist-adapter/2"
+# Metadata that must equal the model's for the tensors to mean what they meant when saved.
+CHECKED_KEYS = ("backbone", "method", "method_options", "out_indices")
 
 # Prefixes that wrappers put in front of parameter names and that state_dict() does not show.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -66,34 +83,108 @@ def copy_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: s
             params[name].copy_(t)
 
 
-def save_adapter(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path, **metadata: str) -> Path:
+def find_backbone(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(state_dict prefix, module) of the first mona_dist Backbone with a method in `model` (found by its
+    attributes: this package's adapters do not import its models)."""
+    for name, m in model.named_modules():
+        if getattr(m, "method", None) is not None and hasattr(m, "trunk") and hasattr(m, "out_indices"):
+            name = clean_name(name)
+            return (f"{name}." if name else ""), m
+    return None
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=list)  # tuples and lists alike
+
+
+def backbone_metadata(model: nn.Module) -> dict[str, str]:
+    """What an adapter file records of the backbone inside `model`: {} when it holds none."""
+    found = find_backbone(model)
+    if found is None:
+        return {}
+    prefix, bb = found
+    meta = {"method": bb.method, "backbone": bb.name, "out_indices": _json(list(bb.out_indices)),
+            "swin_arithmetic": bb.swin_arithmetic, "backbone_prefix": prefix}
+    if getattr(bb, "method_options", None) is not None:
+        meta["method_options"] = _json(bb.method_options)
+    return meta
+
+
+def adapter_metadata(model: nn.Module, **extra: Any) -> dict[str, str]:
+    """The metadata `save_adapter` writes for `model`, plus `extra` (task=, step=, pretrained=; None is left out).
+    The trainer computes it once from the plain model and passes it with the engine's gathered tensors."""
+    from .. import __version__
+
+    meta = {"format": ADAPTER_FORMAT, "mona_dist": __version__, **backbone_metadata(model)}
+    meta.update({k: str(v) for k, v in extra.items() if v is not None})
+    return meta
+
+
+def save_adapter(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path, **metadata: Any) -> Path:
     """Write the trainable tensors of `model` (or the given name -> tensor mapping, e.g. an engine's
-    `trainable_weights()`) to one safetensors file (ZeRO-3: gather first)."""
+    `trainable_weights()`) to one safetensors file (ZeRO-3: gather first). From a model, the file describes it
+    (`adapter_metadata`); `metadata` adds to or overrides that (from a mapping, pass `**adapter_metadata(model)`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    source = model if isinstance(model, Mapping) else trainable_state_dict(model)
+    if isinstance(model, Mapping):
+        source, described = model, {}
+    else:
+        source, described = trainable_state_dict(model), adapter_metadata(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in source.items()}
     if not tensors:
         raise ValueError("nothing to save: the model has no trainable parameters")
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    meta = {**described, **{k: str(v) for k, v in metadata.items() if v is not None}}
+    save_file(tensors, str(path), metadata=meta)
     return path
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
-    """Load an adapter file into `model`'s trainable parameters; return the file's metadata.
-
-    Every tensor in the file must match a trainable parameter by name and shape, and every trainable parameter
-    must be in the file; anything else is an error naming a key.
-    """
+def read_adapter_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of an adapter file, without reading its tensors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            metadata = dict(f.metadata() or {})
+            return dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors adapter file ({err})") from None
+
+
+def check_adapter_metadata(model: nn.Module, metadata: Mapping[str, str], source: str) -> None:
+    """One ValueError line when `metadata` says the file was saved from another backbone, method, options or
+    outputs than `model` has. Keys the file lacks (older files) or the model cannot tell are not checked."""
+    ours = backbone_metadata(model)
+    for key in CHECKED_KEYS:
+        if key not in metadata or key not in ours:
+            continue
+        theirs, mine = metadata[key], ours[key]
+        if key in ("method_options", "out_indices"):
+            try:
+                theirs = _json(json.loads(theirs))
+            except json.JSONDecodeError:
+                raise ValueError(f"{source}: metadata {key} is not JSON: {metadata[key]!r}") from None
+        if theirs != mine:
+            raise ValueError(f"{source} was saved from {key} {theirs}, this model has {key} {mine}")
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, check: bool = True, prefix: str | None = None) -> dict[str, str]:
+    """Load an adapter file into `model`'s trainable parameters; return the file's metadata.
+
+    With `check`, the file's metadata must agree with `model` (module docstring). Every tensor in the file must
+    match a trainable parameter by name and shape, and every trainable parameter must be in the file; anything
+    else is an error naming a key. `prefix`: load only the file's tensors under it, with it removed (a bare
+    backbone from a whole task model's file: its `backbone_prefix`).
+    """
+    path = Path(path)
+    metadata = read_adapter_metadata(path)
+    if check:
+        check_adapter_metadata(model, metadata, str(path))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors adapter file ({err})") from None
+    if prefix:
+        tensors = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise ValueError(f"{path}: {name} is {str(t.dtype).removeprefix('torch.')}, not a floating-point weight "

@@ -1,7 +1,7 @@
 """Backbones (timm Swin / ViT + a tuning method -> NCHW feature maps) and their pretrained weights."""
 
 from ..adapters.io import count_parameters
-from .backbone import BACKBONES, Backbone, BackboneSpec, build_backbone, checkpoint_units
+from .backbone import BACKBONES, Backbone, BackboneSpec, build_backbone, build_backbone_from_adapter, checkpoint_units
 from .pretrained import LoadReport, load_pretrained, read_checkpoint
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "BackboneSpec",
     "LoadReport",
     "build_backbone",
+    "build_backbone_from_adapter",
     "checkpoint_units",
     "count_parameters",
     "load_pretrained",

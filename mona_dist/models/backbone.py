@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from ..adapters import apply_method
+from ..adapters import apply_method, check_method_options, method_options as method_defaults
 from ..adapters.blocks import SWIN_ARITHMETICS, family, set_swin_arithmetic
 from ..registry import Registry
 
@@ -168,10 +168,38 @@ def build_backbone(
     trunk = timm.create_model(spec.timm_name, pretrained=False, drop_path_rate=drop_path_rate, **spec.timm_kwargs)
     bb = Backbone(name, trunk, out_indices, swin_arithmetic)
     apply_method(bb, method, **method_options)
+    # Every option, defaults filled in: what an adapter file records and is checked against (adapters/io.py).
+    bb.method_options = {**method_defaults(method), **check_method_options(method, method_options)}
     if pretrained:
         from .pretrained import load_pretrained
 
         load_pretrained(bb, pretrained)
+    return bb
+
+
+def build_backbone_from_adapter(path, pretrained: str | None = None, drop_path_rate: float = 0.0) -> Backbone:
+    """The backbone an adapter file describes (its backbone, method, options, outputs and arithmetic metadata),
+    with the file's tensors loaded: from a bare backbone's file, or the backbone part of a task model's.
+
+    The frozen trunk is not in the file: `pretrained` gives its weights; None takes the `pretrained` the file
+    records (the trainer writes the run's `model.pretrained`), if any; "" builds it without pretrained weights.
+    """
+    import json
+
+    from ..adapters.io import load_adapter, read_adapter_metadata
+
+    meta = read_adapter_metadata(path)
+    lacking = [k for k in ("backbone", "method") if not meta.get(k)]
+    if lacking:
+        raise ValueError(f"{path} does not say which {lacking[0]} it was saved from (a file written before "
+                         f"adapters carried metadata): build it with build_backbone(...) and load_adapter")
+    options = json.loads(meta.get("method_options", "{}"))
+    out_indices = tuple(json.loads(meta["out_indices"])) if "out_indices" in meta else None
+    weights = meta.get("pretrained") if pretrained is None else pretrained
+    bb = build_backbone(meta["backbone"], meta["method"], pretrained=weights or None, out_indices=out_indices,
+                        drop_path_rate=drop_path_rate, swin_arithmetic=meta.get("swin_arithmetic", "official"),
+                        **options)
+    load_adapter(bb, path, prefix=meta.get("backbone_prefix", ""))
     return bb
 
 

@@ -94,8 +94,10 @@ def frozen_fingerprint(model: torch.nn.Module) -> float:
 
 # -- save ----------------------------------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: Any, dist: DistState,
-                    meta: dict[str, Any], keep_last: int, counters: dict[str, int] | None = None) -> Path:
-    """Collective. Writes `step-N/` completely, then points `latest` at it; a second save of the same step is a no-op."""
+                    meta: dict[str, Any], keep_last: int, counters: dict[str, int] | None = None,
+                    adapter_meta: dict[str, str] | None = None) -> Path:
+    """Collective. Writes `step-N/` completely, then points `latest` at it; a second save of the same step is a no-op.
+    `adapter_meta`: what adapter.safetensors says of the model (`mona_dist.adapters.io.adapter_metadata`)."""
     root = checkpoint_root(output_dir)
     final, partial = root / step_name(step), root / f".{step_name(step)}.partial"
     if (final / "meta.json").is_file():
@@ -110,7 +112,7 @@ def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: A
                partial / f"rank-{dist.rank:05d}.pt")
     weights = engine.trainable_weights()  # collective; fp32 masters under DeepSpeed bf16/fp16
     if dist.is_main:
-        save_adapter(weights, partial / "adapter.safetensors", step=str(step))
+        save_adapter(weights, partial / "adapter.safetensors", **(adapter_meta or {}), step=str(step))
     barrier()
     if dist.is_main:
         (partial / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, "world_size": dist.world_size,

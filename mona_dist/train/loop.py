@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from mona_dist.adapters.io import adapter_metadata
 from mona_dist.config import Config, dump_config
 from mona_dist.config.resolve import resolve_batch, resolve_length
 from mona_dist.distributed import DistState, init_distributed
@@ -138,6 +139,8 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
     total_params, trainable_params = count_parameters(model)
     meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
             "frozen_fingerprint": frozen_fingerprint(model)}
+    # from the plain model, before an engine wraps it: the adapter files describe what they were saved from
+    adapter_meta = adapter_metadata(model, task=cfg.task, pretrained=cfg.model.pretrained)
     seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
     engine = build_engine(model, cfg.engine, cfg.optim, micro_batch_size=cfg.data.batch_size,
                           world_size=dist.world_size, fixed_shape=task.fixed_shape)
@@ -156,7 +159,7 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
 
     def save(at: int) -> Path:
         return save_checkpoint(out, at, engine, loader, dist, meta, cfg.train.keep_last,
-                               counters={"skipped_steps": skipped_steps})
+                               counters={"skipped_steps": skipped_steps}, adapter_meta=adapter_meta)
 
     monitor = Monitor(out, cfg.monitor, dist.is_main, cfg.train.max_steps, step, cfg.train.log_interval)
     monitor.message(f"{batch_plan.describe()}; {cfg.train.max_steps} steps"
