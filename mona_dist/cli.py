@@ -1,6 +1,7 @@
 """`mona-dist` command line: each sub-command lives beside the code it drives.
 
-A module listed here defines `register(subparsers)`, adding its commands with `set_defaults(func=...)`.
+A module listed here defines `register(subparsers)`, adding its commands with `set_defaults(func=...)`; every flag has
+a help text and shows its default (`DefaultsFormatter` below or argparse.ArgumentDefaultsHelpFormatter; tests/test_cli_help.py checks).
 Modules import only argparse at top level so that `mona-dist --help` stays fast.
 """
 
@@ -19,8 +20,21 @@ COMMAND_MODULES = [
 ]
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" as ArgumentDefaultsHelpFormatter does, except on required flags and None defaults,
+    where it would only say "None" (their help says what leaving them out means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from mona_dist import __version__
+
     parser = argparse.ArgumentParser(prog="mona-dist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mona-dist {__version__}")
     # `deepspeed --module mona_dist.cli ...` passes --local_rank=N before the sub-command (and
     # `deepspeed launch/train.py` after it); ranks come from mona_dist.distributed, so it is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -7,67 +7,73 @@ import json
 import os
 import sys
 
+from mona_dist.cli import DefaultsFormatter
+
 
 def _sharding(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--shard-size", type=float, default=None, metavar="BYTES", help="target bytes per shard (1e8)")
+    size.add_argument("--shard-size", type=float, default=None, metavar="BYTES",
+                      help="target bytes per shard; None: 1e8 unless --per-shard is given")
     size.add_argument("--per-shard", type=int, default=None, metavar="N", help="samples per shard instead")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="writer processes")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="writer processes (the default is min(4, CPUs))")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     shards = sub.add_parser("shards", help="write WebDataset tar shards (+ index) from a data set on disk")
     kinds = shards.add_subparsers(dest="kind", required=True, metavar="FORMAT")
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    p = kinds.add_parser("imagefolder", help="root/<class>/<image> (classification)")
-    p.add_argument("--root", required=True)
-    p.add_argument("--classes", help="file with one class name per line (default: sorted folder names)")
+    p = kinds.add_parser("imagefolder", help="root/<class>/<image> (classification)", **fmt)
+    p.add_argument("--root", required=True, help="folder holding one sub-folder of images per class")
+    p.add_argument("--classes", help="file with one class name per line; None: the sorted folder names")
     p.add_argument("--out", required=True, help="output prefix, e.g. shards/train -> shards/train-000000.tar")
     _sharding(p)
 
-    p = kinds.add_parser("coco", help="COCO images + instances JSON (boxes, masks, crowd)")
-    p.add_argument("--images", required=True)
+    p = kinds.add_parser("coco", help="COCO images + instances JSON (boxes, masks, crowd)", **fmt)
+    p.add_argument("--images", required=True, help="image folder, e.g. coco/train2017")
     p.add_argument("--annotations", required=True, help="instances_*.json")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output prefix, e.g. shards/train -> shards/train-000000.tar")
     _sharding(p)
 
-    p = kinds.add_parser("ade20k", help="ADE20K images/ + annotations/ label maps")
+    p = kinds.add_parser("ade20k", help="ADE20K images/ + annotations/ label maps", **fmt)
     p.add_argument("--images", required=True, help="e.g. ADEChallengeData2016/images/training")
     p.add_argument("--annotations", required=True, help="e.g. ADEChallengeData2016/annotations/training")
-    p.add_argument("--classes", help="objectInfo150.txt or one name per line (default: found beside images/)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--classes", help="objectInfo150.txt or one name per line; None: the one found beside images/")
+    p.add_argument("--out", required=True, help="output prefix, e.g. shards/train -> shards/train-000000.tar")
     _sharding(p)
 
-    p = kinds.add_parser("voc", help="Pascal VOC JPEGImages + Annotations, one image-set list")
+    p = kinds.add_parser("voc", help="Pascal VOC JPEGImages + Annotations, one image-set list", **fmt)
     p.add_argument("--root", required=True, action="append", help="VOCdevkit/VOC2007 (repeat for 07+12)")
     p.add_argument("--image-set", required=True, help="name in ImageSets/Main (trainval, test) or a list file")
-    p.add_argument("--classes", help="one name per line (default: the 20 VOC classes)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--classes", help="one name per line; None: the 20 VOC classes")
+    p.add_argument("--out", required=True, help="output prefix, e.g. shards/train -> shards/train-000000.tar")
     _sharding(p)
 
-    p = kinds.add_parser("synthetic", help="make a small real-format data set and convert it (tests, demo)")
-    p.add_argument("--task", required=True, choices=["cls", "ade20k", "seg", "coco", "voc"])
+    p = kinds.add_parser("synthetic", help="make a small real-format data set and convert it (tests, demo)", **fmt)
+    p.add_argument("--task", required=True, choices=["cls", "ade20k", "seg", "coco", "voc"],
+                   help="which kind of data set (seg is ade20k)")
     p.add_argument("--out", required=True, help="writes OUT/source/ and OUT/shards/{train,val}-*.tar")
-    p.add_argument("--num-train", type=int, default=200)
-    p.add_argument("--num-val", type=int, default=50)
+    p.add_argument("--num-train", type=int, default=200, help="training images")
+    p.add_argument("--num-val", type=int, default=50, help="validation images")
     p.add_argument("--size", type=int, default=96, help="image side in pixels (detection/seg vary 75-100 %%)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-shard", type=int, default=50)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the images and labels")
+    p.add_argument("--per-shard", type=int, default=50, help="samples per shard")
+    p.add_argument("--workers", type=int, default=1, help="writer processes")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     for parser in kinds.choices.values():
         parser.set_defaults(func=write)
 
-    b = sub.add_parser("bench-data", help="images/s of the data pipeline vs raw decode of the same shards")
+    b = sub.add_parser("bench-data", help="images/s of the data pipeline vs raw decode of the same shards", **fmt)
     b.add_argument("--shards", required=True, help="pattern, index file or directory")
-    b.add_argument("--task", required=True, choices=["cls", "seg", "coco", "voc"])
-    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--task", required=True, choices=["cls", "seg", "coco", "voc"], help="the task whose pipeline runs")
+    b.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     b.add_argument("--batches", type=int, default=60, help="timed batches per side")
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--pipeline", help="YAML file holding a train PipelineConfig (default: the task's recipe)")
+    b.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    b.add_argument("--pipeline", help="YAML file holding a train PipelineConfig; None: the task's recipe")
     b.add_argument("--device", help="where to time the model's preprocessing (jitter, normalisation, detection "
-                   "resize; default: cuda if present)")
+                   "resize); None: cuda if present, else cpu")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=bench)
 

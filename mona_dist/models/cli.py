@@ -5,20 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 
+from mona_dist.cli import DefaultsFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("params", help="count a backbone's total and trainable parameters under a method")
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--method", required=True)
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    p = sub.add_parser("params", help="count a backbone's total and trainable parameters under a method",
+                       formatter_class=DefaultsFormatter)
+    p.add_argument("--backbone", required=True, help="a registered backbone, e.g. swin_large_patch4_window7_224")
+    p.add_argument("--method", required=True, help="a tuning method, e.g. mona, lora, full")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, value parsed as YAML (repeatable), e.g. --option inner_dim=32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=params)
 
-    c = sub.add_parser("convert", help="turn an official Mona (mmdet/mmseg) checkpoint into a mona-dist file")
+    c = sub.add_parser("convert", help="turn an official Mona (mmdet/mmseg) checkpoint into a mona-dist file",
+                       formatter_class=DefaultsFormatter)
     c.add_argument("src", help="official checkpoint (.pth)")
     c.add_argument("dst", help="output .safetensors")
-    c.add_argument("--backbone", default="swin_large_patch4_window7_224")
-    c.add_argument("--method", default="mona")
+    c.add_argument("--backbone", default="swin_large_patch4_window7_224", help="the backbone the checkpoint holds")
+    c.add_argument("--method", default="mona", help="the method the checkpoint was trained with")
     c.add_argument("--adapter-only", action="store_true", help="write only the method's trainable tensors")
     c.set_defaults(func=convert)
 

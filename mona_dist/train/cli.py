@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from mona_dist.cli import DefaultsFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a task from a YAML config (any launcher: torchrun, deepspeed, srun)",
-                       description=__doc__)
+                       description=__doc__, formatter_class=DefaultsFormatter)
     p.add_argument("--config", required=True, help="YAML config (may name a `base:` file)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, value parsed as YAML (repeatable), e.g. --set train.max_steps=20")
