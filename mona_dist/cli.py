@@ -1,8 +1,9 @@
 """`mona-dist` command line: each sub-command lives beside the code it drives.
 
-A module listed here defines `register(subparsers)`, adding its commands with `set_defaults(func=...)`; every flag has
-a help text and shows its default (`DefaultsFormatter` below or argparse.ArgumentDefaultsHelpFormatter; tests/test_cli_help.py checks).
-Modules import only argparse at top level so that `mona-dist --help` stays fast.
+A module listed here defines `register(subparsers)`, adding its commands with `set_defaults(func=...)`; every flag
+has a help text and shows its default (`DefaultsFormatter` below, or argparse.ArgumentDefaultsHelpFormatter;
+tests/test_cli_help.py checks). Modules import only argparse and this module at top level so that `mona-dist --help`
+stays fast.
 """
 
 from __future__ import annotations

@@ -167,7 +167,8 @@ def check_adapter_metadata(model: nn.Module, metadata: Mapping[str, str], source
             raise ValueError(f"{source} was saved from {key} {theirs}, this model has {key} {mine}")
 
 
-def load_adapter(model: nn.Module, path: str | Path, *, check: bool = True, prefix: str | None = None) -> dict[str, str]:
+def load_adapter(model: nn.Module, path: str | Path, *, check: bool = True,
+                 prefix: str | None = None) -> dict[str, str]:
     """Load an adapter file into `model`'s trainable parameters; return the file's metadata.
 
     With `check`, the file's metadata must agree with `model` (module docstring). Every tensor in the file must

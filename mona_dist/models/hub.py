@@ -118,6 +118,7 @@ def _download(name: str, repo: str, revision: str | None, filenames: tuple[str, 
             raise FileNotFoundError(f"model.pretrained: {name}: {repo!r} is not a hub repo name ({err})") from None
         except (HfHubHTTPError, OSError) as err:  # no such repo, no access, a full disk
             why = str(err).splitlines()[0]
-            raise FileNotFoundError(f"model.pretrained: {name}: could not fetch {repo} into the {where}: {why}") from None
+            raise FileNotFoundError(f"model.pretrained: {name}: could not fetch {repo} into the {where}: "
+                                    f"{why}") from None
     files = " or ".join(filenames)
     raise FileNotFoundError(f"model.pretrained: {name}: no {files} of hub repo {repo} in the {where}")

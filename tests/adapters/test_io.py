@@ -108,8 +108,8 @@ def test_a_backbone_is_built_from_the_file_alone(tmp_path):
 def test_a_task_models_file_describes_its_backbone_and_task(tmp_path):
     from mona_dist.config import load_config
 
-    cfg = load_config(Path(__file__).parents[2] / "configs/cpu/cls.yaml", ["model.method=lora", "model.method_options={rank: 2}",
-                                               "model.num_classes=5"])
+    cfg = load_config(Path(__file__).parents[2] / "configs/cpu/cls.yaml",
+                      ["model.method=lora", "model.method_options={rank: 2}", "model.num_classes=5"])
     torch.manual_seed(2)
     model = TASKS.get("cls").build_model(cfg)
     with torch.no_grad():

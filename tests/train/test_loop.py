@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from train_helpers import tiny_config
-from mona_dist.adapters import load_adapter
+from mona_dist.adapters import load_adapter, trainable_state_dict
 from mona_dist.config import load_config
+from mona_dist.models import build_backbone_from_adapter
 from mona_dist.tasks import TASKS
 from mona_dist.train import EX_NONFINITE, train
 from mona_dist.train import checkpoint as ckpt_mod
@@ -62,6 +63,11 @@ def test_run_writes_metrics_tensorboard_config_checkpoints_and_adapter(tmp_path,
     model = TASKS.get("cls").build_model(cfg)
     meta = load_adapter(model, root / "latest" / "adapter.safetensors")
     assert meta["step"] == "6"
+    # the trainer's adapter file describes the run: the backbone built from it alone holds the trained tensors
+    assert (meta["task"], meta["method"], meta["backbone"]) == ("cls", cfg.model.method, cfg.model.backbone)
+    bb = build_backbone_from_adapter(root / "latest" / "adapter.safetensors")
+    trained, rebuilt = trainable_state_dict(model.backbone), trainable_state_dict(bb)
+    assert rebuilt.keys() == trained.keys() and all(torch.equal(v, trained[k]) for k, v in rebuilt.items())
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, cls_shards):
