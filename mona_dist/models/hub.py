@@ -13,7 +13,7 @@ huggingface_hub reads HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE once, when it is i
 read here again at every call, with the same precedence, and passed on, so a process that sets them after importing
 mona_dist (a notebook, a test) is honoured too. tests/models/test_hub.py fails if huggingface_hub's precedence
 changes. Offline, a file missing from the cache fails at once; online without a network huggingface_hub retries for
-about 50 s before it gives up.
+5 times (30-50 s) before it gives up, and then the one file name is not tried again with the next.
 """
 
 from __future__ import annotations
