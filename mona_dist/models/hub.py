@@ -12,7 +12,7 @@ revisions), `model.safetensors` first, then `pytorch_model.bin`, as timm tries t
 huggingface_hub reads HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE once, when it is imported (timm imports it); they are
 read here again at every call, with the same precedence, and passed on, so a process that sets them after importing
 mona_dist (a notebook, a test) is honoured too. tests/models/test_hub.py fails if huggingface_hub's precedence
-changes. Offline, a file missing from the cache fails at once; online without a network huggingface_hub retries for
+changes. Offline, a file missing from the cache fails at once; online without a network huggingface_hub retries
 5 times (30-50 s) before it gives up, and then the one file name is not tried again with the next.
 """
 
