@@ -5,6 +5,8 @@
             engine/ | engine.pt   engine state: DeepSpeed's sharded format, or torch.save for ddp/fairscale
             rank-00000.pt ...     per rank: RNG states (python, numpy, torch, this rank's GPU) and the data position
             adapter.safetensors   the trainable weights alone (`mona_dist.adapters.save_adapter`)
+            buffers.pt            the model's persistent buffers (BatchNorm statistics of the heads: ddp and
+                                  fairscale save trainable weights only, and eval reads the statistics)
             meta.json             written last: step, world size, engine, frozen-weight fingerprint
         latest -> step-000020   a symlink, replaced atomically (rename) only after the step directory is complete
 
@@ -42,6 +44,7 @@ import torch
 import torch.distributed as tdist
 
 from mona_dist.adapters import save_adapter
+from mona_dist.adapters.io import clean_name
 from mona_dist.distributed import DistState, barrier
 from mona_dist.engine import Engine
 from mona_dist.data.plan import mix_seed
@@ -50,6 +53,7 @@ from mona_dist.serialization import safe_torch_load
 
 FORMAT = "mona-dist-checkpoint/1"
 LATEST = "latest"
+BUFFERS = "buffers.pt"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -92,6 +96,35 @@ def frozen_fingerprint(model: torch.nn.Module) -> float:
         return float(sum(p.double().sum() for p in model.parameters() if not p.requires_grad and p.numel()) or 0.0)
 
 
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers `state_dict()` holds, by their state_dict name (running statistics, counters, index tables)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out[clean_name(f"{prefix}.{name}" if prefix else name)] = buf
+    return out
+
+
+def load_buffers(path: Path, model: torch.nn.Module) -> None:
+    """Copy `path`/buffers.pt into the model's buffers (same names and shapes); checkpoints from before it was
+    written have none, and keep the engine's own state (DeepSpeed and FSDP save buffers with the module)."""
+    file = path / BUFFERS
+    if not file.is_file():
+        return
+    saved, live = safe_torch_load(file), persistent_buffers(model)
+    if not isinstance(saved, dict) or set(saved) != set(live):
+        odd = sorted(set(saved) ^ set(live)) if isinstance(saved, dict) else ["?"]
+        raise ValueError(f"checkpoint {file} does not fit this model's buffers ({len(odd)} names differ, e.g. "
+                         f"{odd[0]})")
+    with torch.no_grad():
+        for name, buf in live.items():
+            if buf.shape != saved[name].shape:
+                raise ValueError(f"checkpoint {file}: buffer {name} has shape {tuple(saved[name].shape)}, the "
+                                 f"model has {tuple(buf.shape)}")
+            buf.copy_(saved[name])
+
+
 # -- save ----------------------------------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: Any, dist: DistState,
                     meta: dict[str, Any], keep_last: int, counters: dict[str, int] | None = None,
@@ -113,6 +146,8 @@ def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: A
     weights = engine.trainable_weights()  # collective; fp32 masters under DeepSpeed bf16/fp16
     if dist.is_main:
         save_adapter(weights, partial / "adapter.safetensors", **(adapter_meta or {}), step=str(step))
+        torch.save({k: v.detach().to("cpu", copy=True) for k, v in persistent_buffers(engine.model).items()},
+                   partial / BUFFERS)
     barrier()
     if dist.is_main:
         (partial / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, "world_size": dist.world_size,
@@ -331,14 +366,9 @@ def load_checkpoint(path: Path, engine: Engine, loader: Any, dist: DistState, ex
     `expect` lists meta.json values this run must match (engine, ZeRO stage, task, frozen-weight fingerprint)."""
     same_layout = dist.rank == 0 and _own_layout_matches(path, loader)
     meta, loader_states = _agree(dist, _prepare, path, expect, dist.world_size, same_layout)
-    old_world, notes = int(meta["world_size"]), []
+    old_world = int(meta["world_size"])
+    notes = _load_engine(path, engine, meta, dist)
     try:
-        if old_world == dist.world_size:
-            engine.load(path)
-        else:
-            engine.load_resharded(path, old_world)
-            notes.append(f"checkpoint {path.name} was written by {old_world} ranks; resumed on {dist.world_size} "
-                         f"({engine.name} resharded)")
         state = _trainer_state(path, dist.rank) if dist.rank < old_world else None
     except ValueError as err:
         raise ValueError(_with_fallback(path, str(err))) from None
@@ -356,6 +386,41 @@ def load_checkpoint(path: Path, engine: Engine, loader: Any, dist: DistState, ex
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
     return Resumed(int(meta["step"]), counters, loader, notes)
+
+
+def _load_engine(path: Path, engine: Engine, meta: dict[str, Any], dist: DistState) -> list[str]:
+    """Collective: the engine's own state (its format, resharded from another world size), then the buffers."""
+    old_world, notes = int(meta["world_size"]), []
+    try:
+        if old_world == dist.world_size:
+            engine.load(path)
+        else:
+            engine.load_resharded(path, old_world)
+            notes.append(f"checkpoint {path.name} was written by {old_world} ranks; loaded on {dist.world_size} "
+                         f"({engine.name} resharded)")
+        load_buffers(path, engine.model)
+    except ValueError as err:
+        raise ValueError(_with_fallback(path, str(err))) from None
+    return notes
+
+
+def _checked(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
+    meta = _check_meta(path, expect)
+    try:
+        verify_files(path, meta["world_size"])
+    except ValueError as err:
+        raise ValueError(_with_fallback(path, str(err))) from None
+    return meta
+
+
+def restore_model(path: Path, engine: Engine, dist: DistState, expect: dict[str, Any]) -> tuple[dict, list[str]]:
+    """Collective. The model state of a checkpoint, as `load_checkpoint` restores it for a resume (engine state,
+    buffers), without the trainer's RNG and data position: what eval and predict run. Returns (meta, notes)."""
+    meta = _agree(dist, _checked, path, expect)
+    notes = _load_engine(path, engine, meta, dist)
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+    return meta, notes
 
 
 def _own_layout_matches(path: Path, loader: Any) -> bool:

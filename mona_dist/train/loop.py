@@ -102,22 +102,45 @@ def evaluate(task: Task, engine: Engine, loader: Any, dist: DistState) -> dict[s
         engine.train(True)
 
 
+def start(cfg: Config) -> tuple[DistState, Config, Any, Task]:
+    """Collective. The start-up every command that runs a task model shares (train, eval, predict): ranks, the
+    resolved batch, the task's and DeepSpeed's config checks, the process group."""
+    dist = init_distributed()
+    cfg, batch_plan = resolve_batch(cfg, dist.world_size)  # micro-batch and accumulation from the global batch
+    task = TASKS.get(cfg.task)
+    task.check(cfg)
+    if cfg.engine.name == "deepspeed":  # the merged DeepSpeed JSON is checked before anything is built
+        from mona_dist.engine.deepspeed_engine import deepspeed_config
+
+        deepspeed_config(cfg.engine, cfg.data.batch_size, dist.world_size)
+    join_group(dist, cfg)
+    return dist, cfg, batch_plan, task
+
+
+def build_model_and_engine(cfg: Config, task: Task, dist: DistState) -> tuple[Engine, dict, list, dict]:
+    """(engine, checkpoint meta, pretrained reports, adapter-file metadata). The model is built from `train.seed` on every rank, so its
+    frozen weights are the same in train, eval and predict (meta's fingerprint checks it against a checkpoint)."""
+    seed_everything(cfg.train.seed)  # the same model on every rank
+    with loading_policy(strict=cfg.model.pretrained_strict) as pretrained_reports:
+        model = task.build_model(cfg)
+    meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
+            "frozen_fingerprint": frozen_fingerprint(model)}
+    # from the plain model, before an engine wraps it: the adapter files describe what they were saved from
+    adapter_meta = adapter_metadata(model, task=cfg.task, pretrained=cfg.model.pretrained)
+    seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
+    engine = build_engine(model, cfg.engine, cfg.optim, micro_batch_size=cfg.data.batch_size,
+                          world_size=dist.world_size, fixed_shape=task.fixed_shape)
+    return engine, meta, pretrained_reports, adapter_meta
+
+
 def train(cfg: Config, resume: str | None = None) -> int:
     """Run (or resume) training; returns the process exit code (0, EX_NONFINITE or EX_TEMPFAIL).
 
     Pre-emption signals are caught from the start: one that arrives while the run is still being built stops it at
     its first step boundary (checkpoint, exit 75)."""
     with PreemptionFlag() as preemption:
-        dist = init_distributed()
         written = cfg  # what config.yaml records; the resolved numbers go to the log
-        cfg, batch_plan = resolve_batch(cfg, dist.world_size)  # micro-batch and accumulation from the global batch
-        task = TASKS.get(cfg.task)
-        task.check(cfg)
-        if cfg.engine.name == "deepspeed":  # the merged DeepSpeed JSON is checked before anything is built
-            from mona_dist.engine.deepspeed_engine import deepspeed_config
-
-            deepspeed_config(cfg.engine, cfg.data.batch_size, dist.world_size)
-        join_group(dist, cfg)
+        dist, cfg, batch_plan, task = start(cfg)
         run = prepare(cfg.output_dir, resume, dist.rank, dist.world_size)  # the lock, the resume, write access
         try:
             return _train(cfg, written, batch_plan, task, dist, run, preemption)
@@ -133,17 +156,8 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
     loader.set_step_batches(cfg.engine.grad_accum)  # an epoch is a whole number of steps, equal on every rank
     val_loader = task.build_loader(cfg, "val", dist) if cfg.data.val_shards else None
     cfg, steps_per_epoch = resolve_length(cfg, epoch_batches(loader))  # epochs -> steps
-    seed_everything(cfg.train.seed)  # the same model on every rank
-    with loading_policy(strict=cfg.model.pretrained_strict) as pretrained_reports:
-        model = task.build_model(cfg)
-    total_params, trainable_params = count_parameters(model)
-    meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
-            "frozen_fingerprint": frozen_fingerprint(model)}
-    # from the plain model, before an engine wraps it: the adapter files describe what they were saved from
-    adapter_meta = adapter_metadata(model, task=cfg.task, pretrained=cfg.model.pretrained)
-    seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
-    engine = build_engine(model, cfg.engine, cfg.optim, micro_batch_size=cfg.data.batch_size,
-                          world_size=dist.world_size, fixed_shape=task.fixed_shape)
+    engine, meta, pretrained_reports, adapter_meta = build_model_and_engine(cfg, task, dist)
+    total_params, trainable_params = count_parameters(engine.model)
     schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps, steps_per_epoch)
 
     step, skipped_steps, notes = 0, 0, list(run.notes)

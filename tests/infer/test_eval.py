@@ -1,0 +1,75 @@
+"""`mona-dist eval` scores a run's checkpoint exactly as the run's own final evaluation did."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mona_dist.cli import main
+from mona_dist.config import load_config
+from mona_dist.train import train
+from infer_helpers import REPO, final_eval, run_config
+from ports import free_port
+
+
+def trained(tmp_path: Path, task: str, shards: Path, **sections) -> Path:
+    config = run_config(tmp_path, task, shards, **sections)
+    assert train(load_config(config)) == 0
+    return config
+
+
+def eval_metrics(out: Path) -> dict:
+    rec = json.loads((out / "metrics.json").read_text())
+    return {k: v for k, v in rec.items() if k.startswith("eval/")}
+
+
+def test_cls_eval_equals_the_runs_final_eval(tmp_path, infer_shards):
+    config = trained(tmp_path, "cls", infer_shards("cls"))
+    run = tmp_path / "run"
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["eval", "--config", str(config), "--checkpoint", "latest", "--out", str(tmp_path / "ev")]) == 0
+    want = final_eval(run)
+    assert set(want) == {"eval/top1", "eval/top5", "eval/samples"}
+    assert eval_metrics(tmp_path / "ev") == want  # exact
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "ev" / "tb").iterdir())
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written into the run
+
+
+def test_seg_eval_equals_the_runs_final_eval_with_the_heads_batchnorm(tmp_path, infer_shards):
+    """UperNet's BatchNorm statistics are buffers, not trainable weights: the checkpoint must carry them."""
+    config = trained(tmp_path, "ade20k", infer_shards("ade20k"))
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert main(["eval", "--config", str(config), "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev")]) == 0
+    want = final_eval(tmp_path / "run")
+    assert "eval/mIoU" in want and eval_metrics(tmp_path / "ev") == want
+
+
+def test_eval_bad_inputs_are_one_line(tmp_path, infer_shards, capsys):
+    config = run_config(tmp_path, "cls", infer_shards("cls"))
+    assert main(["eval", "--config", str(config), "--checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mona-dist eval: error: --checkpoint latest: no complete checkpoint") and "\n" not in err
+    assert main(["eval", "--config", str(config), "--checkpoint", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mona-dist eval: error: --checkpoint {tmp_path / 'nope'}: no such checkpoint directory"
+    assert main(["eval", "--config", str(config), "--shards", str(tmp_path / "none.index.json"),
+                 "--checkpoint", "latest"]) == 2
+    assert "\n" not in capsys.readouterr().err.strip()
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_eval_of_a_single_process_run(tmp_path, infer_shards):
+    """The eval runs on another world size than the run (ddp loads whole states): counts summed over ranks."""
+    config = trained(tmp_path, "cls", infer_shards("cls"))
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [str(bindir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mona_dist.cli",
+           "eval", "--config", str(config), "--out", str(tmp_path / "ev")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert eval_metrics(tmp_path / "ev") == final_eval(tmp_path / "run")
