@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "mona_dist.data.cli",  # shards, bench-data
     "mona_dist.bench.cli",  # bench
     "mona_dist.config.cli",  # recipes
+    "mona_dist.infer.cli",  # eval, predict
 ]
 
 
