@@ -22,3 +22,25 @@ def infer_shards(tmp_path_factory):
         return built[task]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, infer_shards):
+    """task -> the config of a finished 3-step run on its shards (output_dir <dir>/run), trained on first use."""
+    from infer_helpers import run_config
+
+    from mona_dist.config import load_config
+    from mona_dist.distributed import leave
+    from mona_dist.train import train
+
+    done: dict[str, Path] = {}
+
+    def get(task: str) -> Path:
+        if task not in done:
+            config = run_config(tmp_path_factory.mktemp(f"run-{task}"), task, infer_shards(task))
+            assert train(load_config(config)) == 0
+            leave(wait_for_peers=False)
+            done[task] = config
+        return done[task]
+
+    return get

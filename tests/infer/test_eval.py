@@ -11,16 +11,8 @@ from pathlib import Path
 import pytest
 
 from mona_dist.cli import main
-from mona_dist.config import load_config
-from mona_dist.train import train
 from infer_helpers import REPO, final_eval, run_config
 from ports import free_port
-
-
-def trained(tmp_path: Path, task: str, shards: Path, **sections) -> Path:
-    config = run_config(tmp_path, task, shards, **sections)
-    assert train(load_config(config)) == 0
-    return config
 
 
 def eval_metrics(out: Path) -> dict:
@@ -28,9 +20,9 @@ def eval_metrics(out: Path) -> dict:
     return {k: v for k, v in rec.items() if k.startswith("eval/")}
 
 
-def test_cls_eval_equals_the_runs_final_eval(tmp_path, infer_shards):
-    config = trained(tmp_path, "cls", infer_shards("cls"))
-    run = tmp_path / "run"
+def test_cls_eval_equals_the_runs_final_eval(tmp_path, trained):
+    config = trained("cls")
+    run = config.parent / "run"
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     assert main(["eval", "--config", str(config), "--checkpoint", "latest", "--out", str(tmp_path / "ev")]) == 0
     want = final_eval(run)
@@ -40,12 +32,12 @@ def test_cls_eval_equals_the_runs_final_eval(tmp_path, infer_shards):
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written into the run
 
 
-def test_seg_eval_equals_the_runs_final_eval_with_the_heads_batchnorm(tmp_path, infer_shards):
+def test_seg_eval_equals_the_runs_final_eval_with_the_heads_batchnorm(tmp_path, trained):
     """UperNet's BatchNorm statistics are buffers, not trainable weights: the checkpoint must carry them."""
-    config = trained(tmp_path, "ade20k", infer_shards("ade20k"))
-    ckpt = next((tmp_path / "run" / "checkpoints").glob("step-*"))
+    config = trained("ade20k")
+    ckpt = next((config.parent / "run" / "checkpoints").glob("step-*"))
     assert main(["eval", "--config", str(config), "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev")]) == 0
-    want = final_eval(tmp_path / "run")
+    want = final_eval(config.parent / "run")
     assert "eval/mIoU" in want and eval_metrics(tmp_path / "ev") == want
 
 
@@ -63,13 +55,13 @@ def test_eval_bad_inputs_are_one_line(tmp_path, infer_shards, capsys):
 
 
 @pytest.mark.slow
-def test_two_rank_torchrun_eval_of_a_single_process_run(tmp_path, infer_shards):
+def test_two_rank_torchrun_eval_of_a_single_process_run(tmp_path, trained):
     """The eval runs on another world size than the run (ddp loads whole states): counts summed over ranks."""
-    config = trained(tmp_path, "cls", infer_shards("cls"))
+    config = trained("cls")
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [str(bindir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mona_dist.cli",
            "eval", "--config", str(config), "--out", str(tmp_path / "ev")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert eval_metrics(tmp_path / "ev") == final_eval(tmp_path / "run")
+    assert eval_metrics(tmp_path / "ev") == final_eval(config.parent / "run")
