@@ -31,15 +31,28 @@ def enlarge(image: torch.Tensor, min_side: int = 256) -> tuple[torch.Tensor, int
     return image.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1), factor
 
 
-def seg_overlay(image: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float = 0.5) -> Image.Image:
-    """The source image with each predicted class painted in its palette colour, beside the image itself."""
+def seg_overlay(image: torch.Tensor, labels: torch.Tensor, names: list[str], alpha: float = 0.5) -> Image.Image:
+    """The source image beside it with each predicted class painted in its palette colour, and a legend of the
+    classes present."""
     from torchvision.utils import draw_segmentation_masks
 
+    k = len(names)
     image, factor = enlarge(image)
     labels = labels.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    masks = labels[None] == torch.arange(num_classes)[:, None, None]
-    painted = draw_segmentation_masks(image, masks, alpha=alpha, colors=palette(num_classes))
-    return to_pil(torch.cat([image, painted], dim=2))
+    masks = labels[None] == torch.arange(k)[:, None, None]
+    painted = draw_segmentation_masks(image, masks, alpha=alpha, colors=palette(k))
+    pic = to_pil(torch.cat([image, painted], dim=2))
+    present = [i for i in range(k) if bool(masks[i].any())]
+    row = 22
+    canvas = Image.new("RGB", (pic.width, pic.height + row * len(present) + 6), "white")
+    canvas.paste(pic, (0, 0))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=15)
+    colours = palette(k)
+    for j, i in enumerate(present):
+        y = pic.height + 4 + j * row
+        draw.rectangle([6, y, 26, y + row - 6], fill=colours[i])
+        draw.text((34, y), f"{names[i]}  {float(masks[i].float().mean()):.0%} of the image", fill="black", font=font)
+    return canvas
 
 
 def label_png(labels: np.ndarray, num_classes: int) -> Image.Image:

@@ -172,7 +172,7 @@ class Outputs:
         elif self.task == "seg":
             labels = result[0].cpu()
             draw.label_png(labels.numpy() + self.label_offset, self.num_classes).save(self.out / f"{name}.png")
-            pic = draw.seg_overlay(image, labels, self.num_classes)
+            pic = draw.seg_overlay(image, labels, [self.name_of(i) for i in range(self.num_classes)])
         else:
             pred = {k: v.cpu() for k, v in result[0].items()}
             pic = self._detections(name, image, pred, image_id)

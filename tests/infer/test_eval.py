@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mona_dist.cli import main
 from infer_helpers import REPO, final_eval, run_config
@@ -65,3 +66,27 @@ def test_two_rank_torchrun_eval_of_a_single_process_run(tmp_path, trained):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert eval_metrics(tmp_path / "ev") == final_eval(config.parent / "run")
+
+
+@pytest.mark.parametrize("engine", [{"name": "deepspeed", "zero_stage": 2}, {"name": "fsdp", "zero_stage": 0},
+                                    {"name": "fairscale", "zero_stage": 2}], ids=lambda e: e["name"])
+def test_every_engines_checkpoint_evaluates_as_the_run_did(tmp_path, infer_shards, engine):
+    """Each engine restores its own format (DeepSpeed's shards, FSDP's DCP, fairscale's consolidated state)."""
+    from mona_dist.config import load_config
+    from mona_dist.distributed import leave
+    from mona_dist.train import train
+
+    config = run_config(tmp_path, "cls", infer_shards("cls"), engine=engine, train={"max_steps": 2, "ckpt_interval": 2})
+    assert train(load_config(config)) == 0
+    leave(wait_for_peers=False)
+    assert main(["eval", "--config", str(config), "--out", str(tmp_path / "ev")]) == 0
+    assert eval_metrics(tmp_path / "ev") == final_eval(tmp_path / "run")
+    # the weights themselves: what the run saved beside its engine state, not a freshly built model's
+    from safetensors.torch import load_file
+
+    from mona_dist.infer.restore import restore
+
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "latest" / "adapter.safetensors"))
+    restored = restore(load_config(config), "latest").engine.trainable_weights()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    leave(wait_for_peers=False)
