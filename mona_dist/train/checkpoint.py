@@ -44,16 +44,15 @@ import torch
 import torch.distributed as tdist
 
 from mona_dist.adapters import save_adapter
-from mona_dist.adapters.io import clean_name
 from mona_dist.distributed import DistState, barrier
 from mona_dist.engine import Engine
 from mona_dist.data.plan import mix_seed
 from mona_dist.data.relayout import resume_stream
 from mona_dist.serialization import safe_torch_load
+from mona_dist.train.buffers import BUFFERS, load_buffers, persistent_buffers
 
 FORMAT = "mona-dist-checkpoint/1"
 LATEST = "latest"
-BUFFERS = "buffers.pt"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -94,35 +93,6 @@ def frozen_fingerprint(model: torch.nn.Module) -> float:
     """A cheap checksum of the frozen weights: they are not saved, so a resume must rebuild exactly the same ones."""
     with torch.no_grad():
         return float(sum(p.double().sum() for p in model.parameters() if not p.requires_grad and p.numel()) or 0.0)
-
-
-def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The buffers `state_dict()` holds, by their state_dict name (running statistics, counters, index tables)."""
-    out = {}
-    for prefix, module in model.named_modules():
-        for name, buf in module.named_buffers(recurse=False):
-            if buf is not None and name not in module._non_persistent_buffers_set:
-                out[clean_name(f"{prefix}.{name}" if prefix else name)] = buf
-    return out
-
-
-def load_buffers(path: Path, model: torch.nn.Module) -> None:
-    """Copy `path`/buffers.pt into the model's buffers (same names and shapes); checkpoints from before it was
-    written have none, and keep the engine's own state (DeepSpeed and FSDP save buffers with the module)."""
-    file = path / BUFFERS
-    if not file.is_file():
-        return
-    saved, live = safe_torch_load(file), persistent_buffers(model)
-    if not isinstance(saved, dict) or set(saved) != set(live):
-        odd = sorted(set(saved) ^ set(live)) if isinstance(saved, dict) else ["?"]
-        raise ValueError(f"checkpoint {file} does not fit this model's buffers ({len(odd)} names differ, e.g. "
-                         f"{odd[0]})")
-    with torch.no_grad():
-        for name, buf in live.items():
-            if buf.shape != saved[name].shape:
-                raise ValueError(f"checkpoint {file}: buffer {name} has shape {tuple(saved[name].shape)}, the "
-                                 f"model has {tuple(buf.shape)}")
-            buf.copy_(saved[name])
 
 
 # -- save ----------------------------------------------------------------------------------------------------------
@@ -335,9 +305,8 @@ def _check_meta(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prepare(path: Path, expect: dict[str, Any], world_size: int, same_layout: bool) -> tuple[dict, list | None]:
-    meta = _check_meta(path, expect)
+    meta = _checked(path, expect)
     try:
-        verify_files(path, meta["world_size"])
         loaders = None if same_layout and meta["world_size"] == world_size else \
             [_trainer_state(path, r)["loader"] for r in range(meta["world_size"])]
     except ValueError as err:
