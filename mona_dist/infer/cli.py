@@ -20,7 +20,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    from mona_dist.cli import DefaultsFormatter as fmt  # "(default: ...)" where there is one
     p = sub.add_parser("eval", help="a checkpoint's metrics on the val shards, no training (any launcher)",
                        description="The task's metrics on the val shards (keys as in metrics.jsonl, e.g. eval/top1), "
                                    "computed by the trainer's own evaluation; printed as one JSON line, and written "
