@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "mona_dist.bench.cli",  # bench
     "mona_dist.config.cli",  # recipes
     "mona_dist.infer.cli",  # eval, predict
+    "mona_dist.export.cli",  # export
 ]
 
 

@@ -1,0 +1,69 @@
+"""`mona-dist export --config C --checkpoint DIR|latest --out FILE [--merge]`: a run's backbone as one file.
+
+Without --merge: the complete backbone (trunk + method + output norms) in safetensors, which
+`build_backbone(name, method, pretrained=FILE, out_indices=..., **method_options)` loads back whole.
+With --merge (full, fixed, bitfit, norm, partial1, lora): a plain timm state dict, LoRA folded into qkv,
+for `timm.create_model(timm_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=FILE))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's backbone as one safetensors file (complete, or merged for timm)",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", required=True, help="the run's YAML config (its model section builds the trunk)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value parsed as YAML (repeatable)")
+    p.add_argument("--checkpoint", default="latest", metavar="DIR|latest",
+                   help="latest: the newest complete checkpoint under the config's output_dir; or a checkpoint "
+                        "directory (step-N), a checkpoints directory or an output_dir")
+    p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    p.add_argument("--merge", action="store_true",
+                   help="a plain timm state dict (LoRA folded into qkv); only for full, fixed, bitfit, norm, "
+                        "partial1, lora")
+    p.set_defaults(func=export)
+
+
+def export(args: argparse.Namespace) -> int:
+    from mona_dist.config import load_config
+
+    from .merge import MERGEABLE, UNMERGEABLE, write_backbone, write_timm
+    from .run import backbone_from_checkpoint
+
+    cfg = load_config(args.config, args.overrides)
+    if args.merge and cfg.model.method not in MERGEABLE:  # before building anything
+        why = UNMERGEABLE.get(cfg.model.method, "it adds modules that a timm model does not have")
+        raise ValueError(f"--merge: method {cfg.model.method!r} cannot be merged into a plain timm model ({why}); "
+                         f"drop --merge for the complete backbone file")
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: expected a .safetensors file name")
+    bb, ckpt, step = backbone_from_checkpoint(cfg, args.checkpoint)
+    source = {"checkpoint": str(ckpt), "step": str(step), "method_options": json.dumps(cfg.model.method_options)}
+    if args.merge:
+        path, notes = write_timm(bb, args.out, **source)
+        from mona_dist.models import BACKBONES
+
+        spec = BACKBONES.get(bb.name)
+        extra = "".join(f", {k}={v!r}" for k, v in spec.timm_kwargs.items())
+        if bb.family == "swin":
+            extra += ", always_partition=True" if bb.swin_arithmetic == "official" else ""
+        print(f"wrote {path}: timm state dict of {bb.name} ({bb.method} merged) from {ckpt}")
+        print(f"load: timm.create_model({spec.timm_name!r}, pretrained=True, num_classes=0, "
+              f"pretrained_cfg_overlay=dict(file={str(path)!r}){extra})")
+        if bb.family == "swin" and bb.swin_arithmetic == "official":
+            print("features equal this backbone's at input sizes whose every stage is a whole number of windows "
+                  "(224 x 224 for window 7; README: Export)")
+        for note in notes:
+            print(f"note: {note}")
+    else:
+        path = write_backbone(bb, args.out, **source)
+        opts = "".join(f", {k}={v!r}" for k, v in cfg.model.method_options.items())
+        print(f"wrote {path}: complete {bb.name} backbone ({bb.method}) from {ckpt}")
+        print(f"load: build_backbone({bb.name!r}, {bb.method!r}, pretrained={str(path)!r}, "
+              f"out_indices={tuple(bb.out_indices)}, swin_arithmetic={bb.swin_arithmetic!r}{opts})")
+    return 0

@@ -1,0 +1,111 @@
+"""A Backbone as files: the complete backbone (trunk + method) for `build_backbone`, or a plain timm state dict.
+
+    write_backbone(bb, "bb.safetensors")        # build_backbone(name, method, pretrained="bb.safetensors", ...)
+    write_timm(bb, "timm.safetensors")          # timm.create_model(timm_name, pretrained=True, num_classes=0,
+                                                #     pretrained_cfg_overlay=dict(file="timm.safetensors"), ...)
+
+Merging: methods that only choose which trunk tensors train (full, fixed, bitfit, norm, partial1) are already a
+timm model; LoRA folds into the fused qkv weight as PEFT's `merge_and_unload` does, W_q += scale * B_q @ A_q (and
+v alike). Methods that add modules outside timm's layers (Mona, Adapter, AdaptFormer, LoRand, the E3VA / mona_hw
+highway) cannot be merged. The timm file is in timm's own key layout (downsample at the start of a stage,
+`layers.0` has none); the last output norm becomes timm's final `norm` (timm's `forward_features` applies it).
+The output norms of earlier outputs have no place in a timm model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..adapters.lora import LoRAQKVLinear
+from ..models.backbone import BACKBONES, Backbone
+
+FORMAT = "mona-dist-backbone/1"
+MERGEABLE = ("full", "fixed", "bitfit", "norm", "partial1", "lora")
+# Why each other method cannot become a plain timm model (one line each).
+UNMERGEABLE = {
+    "mona": "Mona modules sit on the residual stream after each residual add (nonlinear: depthwise convs, GELU)",
+    "adapter": "bottleneck adapters with a GELU sit on the attention and MLP outputs",
+    "adaptformer": "a GELU bottleneck runs beside each MLP",
+    "lorand": "LoRand adapters with a GELU sit on the attention and MLP outputs",
+    "e3va": "the E3VA highway is a second network beside the trunk",
+    "mona_hw": "the mona_hw highway is a second network beside the trunk",
+}
+
+
+def _metadata(bb: Backbone, **extra: str) -> dict[str, str]:
+    spec = BACKBONES.get(bb.name)
+    return {"format": FORMAT, "backbone": bb.name, "method": str(bb.method), "out_indices": json.dumps(list(bb.out_indices)),
+            "swin_arithmetic": bb.swin_arithmetic, "timm_name": spec.timm_name,
+            "timm_kwargs": json.dumps(spec.timm_kwargs), **extra}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage (and views of larger ones)
+    save_file({k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone().contiguous()
+               for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def backbone_state(bb: Backbone) -> dict[str, torch.Tensor]:
+    """Every tensor of the backbone (trunk, method, output norms), under `bb.state_dict()` names."""
+    return dict(bb.state_dict())
+
+
+def write_backbone(bb: Backbone, path: str | Path, **metadata: str) -> Path:
+    """The complete backbone in one safetensors file that `build_backbone(bb.name, bb.method, pretrained=path,
+    out_indices=..., **method_options)` loads whole; the metadata names what to pass."""
+    return _save(backbone_state(bb), path, _metadata(bb, **metadata))
+
+
+def merged_trunk(bb: Backbone) -> dict[str, torch.Tensor]:
+    """The trunk as a plain timm state dict: LoRA folded into qkv, the last output norm as timm's `norm`."""
+    if bb.method not in MERGEABLE:
+        why = UNMERGEABLE.get(bb.method, "it adds modules that a timm model does not have")
+        raise ValueError(f"method {bb.method!r} cannot be merged into a plain timm model: {why}; export without "
+                         f"--merge writes the complete backbone file instead")
+    depth = len(bb.trunk.layers) if bb.family == "swin" else len(bb.trunk.blocks)
+    full = _full_depth(bb)
+    if depth != full:
+        raise ValueError(f"--merge needs the whole trunk: this backbone stops at output {bb.out_indices[-1]} of "
+                         f"{full} (out_indices {list(bb.out_indices)}), so timm's later layers would be missing")
+    sd = {k: v for k, v in bb.trunk.state_dict().items() if ".lora_" not in k}
+    for name, m in bb.trunk.named_modules():
+        if isinstance(m, LoRAQKVLinear):
+            w = m.weight.detach().double()  # the sum rounded once, to the nearest fp32
+            d = m.out_features // 3
+            with torch.no_grad():  # PEFT merge_and_unload: W += scale * B @ A, on the q and v thirds
+                w[:d] += m.scaling * (m.lora_B_q.double() @ m.lora_A_q.double())
+                w[2 * d:] += m.scaling * (m.lora_B_v.double() @ m.lora_A_v.double())
+            sd[f"{name}.weight"] = w.to(m.weight.dtype)
+    if bb.out_indices[-1] == depth - 1:
+        last = bb.out_norms[-1]
+        sd["norm.weight"], sd["norm.bias"] = last.weight.detach(), last.bias.detach()
+    return sd
+
+
+def _full_depth(bb: Backbone) -> int:
+    """Stages (Swin) or blocks (ViT) of the registered backbone, whatever `out_indices` cut off."""
+    import timm
+
+    spec = BACKBONES.get(bb.name)
+    with torch.device("meta"):
+        t = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
+    return len(t.layers if bb.family == "swin" else t.blocks)
+
+
+def write_timm(bb: Backbone, path: str | Path, **metadata: str) -> tuple[Path, list[str]]:
+    """The merged trunk as a timm safetensors file; returns it and notes for the user (output norms left out)."""
+    sd = merged_trunk(bb)
+    notes = []
+    dropped = [i for i, n in zip(bb.out_indices[:-1], bb.out_norms[:-1])
+               if not (torch.all(n.weight == 1) and torch.all(n.bias == 0))]
+    if dropped:
+        notes.append(f"the output norms of outputs {dropped} are trained or loaded (not LayerNorm(1, 0)); a timm "
+                     f"model has no place for them: the complete backbone file (export without --merge) keeps them")
+    return _save(sd, path, _metadata(bb, merged="true", **metadata)), notes
