@@ -1,4 +1,5 @@
-"""`mona-dist bench`: memory and time of methods on one backbone, side by side, as JSON, Markdown, PNG, TensorBoard."""
+"""`mona-dist bench`: training memory and time, and inference latency, of methods on one backbone, side by side,
+as JSON, Markdown, PNG and TensorBoard. Sizes are height x width (800x1333 is mmdet's img_scale=(1333, 800))."""
 
 from __future__ import annotations
 
@@ -7,32 +8,53 @@ import shlex
 import sys
 from pathlib import Path
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the text already names it (or there is none to show:
+    required flags, switches, and None that the text explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 DEFAULT_METHODS = "full,fixed,mona,mona_hw,e3va,lora,adapter,adaptformer,lorand,bitfit"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="compare training memory and time of methods side by side")
+    p = sub.add_parser("bench", help="compare training memory and time, and inference latency, of methods side by side",
+                       description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--backbone", default=None,
-                   help="default: the task's paper backbone (swin_large_patch4_window7_224 for voc, swin_base otherwise)")
+                   help="default: the task's paper backbone (swin_large_patch4_window7_224 for voc, "
+                        "swin_base_patch4_window7_224 otherwise)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma-separated; options after a colon, e.g. e3va:lora_fa=true (default: %(default)s)")
+                   help="comma-separated; options after a colon, e.g. e3va:lora_fa=true")
     p.add_argument("--task", choices=["cls", "seg", "coco", "voc"], default="cls",
                    help="cls: linear head; seg: semantic-FPN head; coco: the coco task's mmdet Cascade Mask R-CNN; "
                         "voc: the voc task's mmdet RetinaNet (Swin only)")
-    p.add_argument("--batch-size", type=int, default=2, help="per rank")
-    p.add_argument("--img-size", type=image_size, default=None,
-                   help="a side, or WxH as mmdet writes img_scale (default: 224; coco 1333x800; voc 1000x600)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per method (0: memory only)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--engine", choices=["ddp", "deepspeed", "fairscale", "fsdp"], default="ddp")
+    p.add_argument("--batch-size", type=int, default=2, help="images per rank and step")
+    p.add_argument("--img-size", type=image_size, default=None, metavar="SIDE|HxW",
+                   help="a side, or height x width; default: 224 (cls, seg), 800x1333 (coco), 600x1000 (voc)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed training steps per method, and timed eval forwards (0: memory only)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (and eval forwards) before timing")
+    p.add_argument("--no-inference", dest="inference", action="store_false",
+                   help="skip the eval-mode latency and images/s (by default timed, LoRA also merged into qkv)")
+    p.add_argument("--engine", choices=["ddp", "deepspeed", "fairscale", "fsdp"], default="ddp",
+                   help="the training engine every method runs under")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage (deepspeed 0-3, fairscale 1-2)")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="checkpoint every block in training (default: off)")
     p.add_argument("--compile", action="store_true",
-                   help="also run every method under engine.compile (torch.compile per block), timed side by side")
+                   help="also run every method under engine.compile (torch.compile per block), timed side by side "
+                        "(default: off)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--out", type=Path, default=Path("runs/bench"),
+                   help="directory for bench.json, bench_meta.json, bench.md, bench.png and tb/")
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=bench)
 
@@ -76,6 +98,7 @@ def bench(args: argparse.Namespace) -> int:
         num_classes=classes,
         engine=args.engine, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
         precision=args.precision or ("bf16" if device_kind == "cuda" else "fp32"), compile=args.compile,
+        inference=args.inference,
     )
     rows = run_bench(spec, device, world_size=dist.world_size)
     if dist.rank == 0:
@@ -88,14 +111,14 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def image_size(text: str) -> int | tuple[int, int]:
-    """"224" -> 224; "1333x800" (width x height) -> (800, 1333), as (H, W)."""
+    """"224" -> 224; "800x1333" (height x width, as torch shapes) -> (800, 1333)."""
     try:
         sides = [int(v) for v in text.lower().split("x")]
         if len(sides) not in (1, 2) or min(sides) <= 0:
             raise ValueError
-        return sides[0] if len(sides) == 1 else (sides[1], sides[0])
+        return sides[0] if len(sides) == 1 else (sides[0], sides[1])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a side or WxH such as 1333x800, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a side or HxW (height x width) such as 800x1333, got {text!r}") from None
 
 
 def _cpu_name() -> str:

@@ -57,14 +57,17 @@ class BenchModel(nn.Module):
             self.head = nn.Conv2d(128, num_classes, 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training mode: {"loss"}; eval mode (the inference timing): {"logits"}, as the task models."""
         feats = self.backbone(batch["images"])
         if self.task == "cls":
             logits = self.head(feats[-1].mean(dim=(2, 3)))
-            return {"loss": F.cross_entropy(logits.float(), batch["labels"])}
-        levels = list(self.fpn({str(i): f for i, f in enumerate(feats)}).values())
-        fused = sum(F.interpolate(p, size=levels[0].shape[-2:], mode="bilinear") for p in levels)
-        logits = F.interpolate(self.head(fused), size=batch["masks"].shape[-2:], mode="bilinear")
-        return {"loss": F.cross_entropy(logits.float(), batch["masks"])}
+            target = batch["labels"]
+        else:
+            levels = list(self.fpn({str(i): f for i, f in enumerate(feats)}).values())
+            fused = sum(F.interpolate(p, size=levels[0].shape[-2:], mode="bilinear") for p in levels)
+            logits = F.interpolate(self.head(fused), size=batch["images"].shape[-2:], mode="bilinear")
+            target = batch["masks"]
+        return {"loss": F.cross_entropy(logits.float(), target)} if self.training else {"logits": logits}
 
 
 # Per task: (backbone, (H, W), classes) of the papers' memory tables (V-PETL: COCO Cascade Mask R-CNN Swin-B at
@@ -115,6 +118,7 @@ class BenchSpec:
     num_classes: int = 100
     seed: int = 0
     compile: bool = False  # also measure every method under engine.compile
+    inference: bool = True  # also time every method in eval mode (bench/inference.py)
 
     def labels(self) -> list[str]:
         return [m + suffix for m in self.methods for suffix in ("", COMPILED)[: 2 if self.compile else 1]]
@@ -284,6 +288,10 @@ def run_bench(spec: BenchSpec, device: torch.device, world_size: int = 1) -> lis
             r.engine = None
     _free(device)
     add_ratios(rows)
+    if spec.inference:
+        from .inference import add_inference, measure_inference
+
+        add_inference(rows, measure_inference(spec, batch, device, world_size))
     return rows
 
 

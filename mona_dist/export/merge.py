@@ -77,16 +77,35 @@ def merged_trunk(bb: Backbone) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in bb.trunk.state_dict().items() if ".lora_" not in k}
     for name, m in bb.trunk.named_modules():
         if isinstance(m, LoRAQKVLinear):
-            w = m.weight.detach().double()  # the sum rounded once, to the nearest fp32
-            d = m.out_features // 3
-            with torch.no_grad():  # PEFT merge_and_unload: W += scale * B @ A, on the q and v thirds
-                w[:d] += m.scaling * (m.lora_B_q.double() @ m.lora_A_q.double())
-                w[2 * d:] += m.scaling * (m.lora_B_v.double() @ m.lora_A_v.double())
-            sd[f"{name}.weight"] = w.to(m.weight.dtype)
+            sd[f"{name}.weight"] = merged_qkv_weight(m)
     if bb.out_indices[-1] == depth - 1:
         last = bb.out_norms[-1]
         sd["norm.weight"], sd["norm.bias"] = last.weight.detach(), last.bias.detach()
     return sd
+
+
+def merged_qkv_weight(m: LoRAQKVLinear) -> torch.Tensor:
+    """PEFT's merge_and_unload on the q and v thirds: W + scale * B @ A, summed in fp64 and rounded once."""
+    w = m.weight.detach().double()
+    d = m.out_features // 3
+    with torch.no_grad():
+        w[:d] += m.scaling * (m.lora_B_q.double() @ m.lora_A_q.double())
+        w[2 * d:] += m.scaling * (m.lora_B_v.double() @ m.lora_A_v.double())
+    return w.to(m.weight.dtype)
+
+
+def fold_lora_(model: torch.nn.Module) -> int:
+    """In place: every LoRA qkv of `model` (a backbone, a task model, a detector) becomes a plain nn.Linear with
+    the merged weight; returns how many were folded. What `mona-dist bench` times as `lora (merged)`."""
+    folded = [m for m in model.modules() if isinstance(m, LoRAQKVLinear)]
+    for m in folded:
+        w = merged_qkv_weight(m)
+        for name in ("lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v"):
+            delattr(m, name)
+        m.__class__ = torch.nn.Linear
+        with torch.no_grad():
+            m.weight.copy_(w)
+    return len(folded)
 
 
 def _full_depth(bb: Backbone) -> int:

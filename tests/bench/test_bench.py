@@ -23,14 +23,15 @@ REQUIRED = {"method", "trainable", "peak_mem_bytes", "saved_activation_bytes", "
 @pytest.fixture(scope="module")
 def rows():
     spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=["full", "fixed", "mona", "e3va",
-                     "e3va:lora_fa=true", "mona_hw:lora_fa=false"], task="seg", batch_size=2, img_size=96, steps=2, warmup=1)
+                     "e3va:lora_fa=true", "mona_hw:lora_fa=false", "lora"], task="seg", batch_size=2, img_size=96,
+                     steps=2, warmup=1)
     return run_bench(spec, torch.device("cpu")), spec
 
 
 def test_rows_carry_every_field_and_ratios(rows):
-    rows, _ = rows
-    assert [r["method"] for r in rows] == ["full", "fixed", "mona", "e3va", "e3va:lora_fa=true", "mona_hw:lora_fa=false"]
-    for r in rows:
+    rows, spec = rows
+    assert [r["method"] for r in rows] == spec.methods + ["lora (merged)"]
+    for r in rows[:-1]:
         assert REQUIRED <= set(r), REQUIRED - set(r)
         assert r["peak_mem_bytes"] > r["saved_activation_bytes"] > 0
         assert r["step_time_s"] > 0
@@ -38,9 +39,38 @@ def test_rows_carry_every_field_and_ratios(rows):
     assert full["peak_vs_full"] == 1.0 and full["trainable"] > rows[2]["trainable"] > 0
 
 
+INFERENCE = {"infer_latency_s", "infer_latency_p10_s", "infer_latency_p90_s", "infer_images_per_s", "infer_vs_full"}
+
+
+def test_every_method_has_inference_latency_and_merged_lora_equals_unmerged(rows):
+    rows, spec = rows
+    for r in rows:
+        assert INFERENCE <= set(r), (r["method"], INFERENCE - set(r))
+        assert 0 < r["infer_latency_p10_s"] <= r["infer_latency_s"] <= r["infer_latency_p90_s"]
+        assert r["infer_images_per_s"] == pytest.approx(spec.batch_size / r["infer_latency_s"])
+    merged = rows[-1]
+    assert merged["inference_only"] and merged.get("peak_mem_bytes") is None
+    assert merged["merged_max_abs_diff"] < 1e-5  # fp32 features, LoRA's B drawn non-zero before the merge
+
+
+def test_merged_lora_is_plain_linear_and_changes_qkv():
+    """What the merged row times: no LoRA module left, and the fold moved qkv (B is non-zero there)."""
+    from mona_dist.adapters.lora import LoRAQKVLinear
+    from mona_dist.bench.inference import MERGED, build_eval_models, merged_difference
+
+    spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=["lora"], task="cls", batch_size=1, img_size=32)
+    models = build_eval_models(spec, torch.device("cpu"))
+    lora, merged = models["lora"], models["lora" + MERGED]
+    assert not any(isinstance(m, LoRAQKVLinear) for m in merged.modules())
+    qkv = "backbone.trunk.layers.0.blocks.0.attn.qkv.weight"
+    assert not torch.equal(merged.state_dict()[qkv], lora.state_dict()[qkv])
+    batch = runner.make_batch(spec, torch.device("cpu"))
+    assert merged_difference(models, batch)["lora" + MERGED] < 1e-5
+
+
 def test_highway_activations_are_a_fraction_of_full_backprop(rows):
     """Same head for every method, so (method - fixed) is what the backbone side keeps for backward."""
-    by = {r["method"]: r["saved_activation_bytes"] for r in rows[0]}
+    by = {r["method"]: r["saved_activation_bytes"] for r in rows[0] if not r.get("inference_only")}
     backbone_full = by["full"] - by["fixed"]
     assert by["e3va"] - by["fixed"] < 0.5 * backbone_full
     assert by["mona_hw:lora_fa=false"] - by["fixed"] < by["mona"] - by["fixed"]
@@ -56,8 +86,13 @@ def test_outputs_are_written_and_well_formed(rows, tmp_path):
     assert [r["method"] for r in data] == [r["method"] for r in rows]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "bench.md").read_text()
-    assert md == table and md.count("\n| ") == len(rows) + 1  # header + one row per method
-    assert "e3va peak <= 0.40x full: measured" in md and "E3VA paper: peak memory 0.45x full" in md
+    train_part, infer_part = md.split("Inference (eval mode")
+    assert md == table and train_part.count("\n| ") == len(rows)  # header + one row per trained method
+    assert infer_part.count("\n| ") == len(rows) + 1 and "| lora (merged) | " in infer_part
+    assert "E3VA paper: peak memory 0.45x full" in md
+    # the goals are Swin-B/L figures at >= 224 px: on swin_nano at 96 px they are not judged
+    assert "e3va peak <= 0.40x full: measured" in md and "MISSED" not in md and " -> met" not in md
+    assert "-> not comparable: goal set for Swin-B/L" in md and "measured on swin_nano_patch4_window7 at 96" in md
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
 
 
@@ -118,22 +153,47 @@ def test_coco_and_voc_benchmark_the_tasks_own_mmdet_detectors(task, detector, tm
     assert all(r["step_time_s"] is None for r in rows)  # steps 0: memory only
     meta = {**vars(spec), "device": "cpu", "world_size": 1, "device_name": "test CPU", "command": "mona-dist bench"}
     md = write_outputs(rows, meta, tmp_path)
-    assert "96x64 px" in md and "Next to V-PETL's table" in md
+    assert "64x96 px (HxW)" in md and "Next to V-PETL's table" in md
     paper_full = {"coco": 17061, "voc": 15679}[task]
     vpetl = md.split("Next to V-PETL's table")[1]
     fixed_row = next(line for line in vpetl.splitlines() if line.startswith("| fixed | "))
     assert f"| {({'coco': 7137, 'voc': 3967}[task] / paper_full):.2f} |" in fixed_row
 
 
-def test_image_sizes_read_as_mmdet_writes_them():
+def test_image_sizes_read_as_height_x_width():
     import argparse
 
     from mona_dist.bench.cli import image_size
+    from mona_dist.bench.report import _size
 
-    assert image_size("224") == 224 and image_size("1333x800") == (800, 1333)
+    assert image_size("224") == 224 and image_size("800x1333") == (800, 1333)
+    assert _size(image_size("800x1333")) == "800x1333"  # printed as written
     for bad in ("big", "0", "12x", "1x2x3"):
-        with pytest.raises(argparse.ArgumentTypeError, match="1333x800"):
+        with pytest.raises(argparse.ArgumentTypeError, match="HxW"):
             image_size(bad)
+
+
+def test_goals_are_judged_only_for_the_paper_backbones_at_paper_sizes():
+    from mona_dist.bench.report import goal_lines, goals_comparable
+
+    rows = [{"method": "e3va", "peak_vs_full": 0.5}]
+    paper = {"backbone": "swin_large_patch4_window7_224", "img_size": (600, 1000)}
+    assert goals_comparable(paper) is None
+    assert goal_lines(rows, False, goals_comparable(paper)) == ["e3va peak <= 0.40x full: measured 0.50x -> MISSED"]
+    for other in ({**paper, "backbone": "swin_nano_patch4_window7"}, {**paper, "img_size": 128}):
+        assert goal_lines(rows, False, goals_comparable(other))[0].endswith(
+            f"-> not comparable: goal set for Swin-B/L (swin_base_patch4_window7_224, swin_large_patch4_window7_224) "
+            f"at >= 224 px, measured on {other['backbone']} at {other['img_size'] if other['img_size'] == 128 else '600x1000'}")
+
+
+def test_bench_help_shows_every_default():
+    from mona_dist.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    for action in bench._actions:
+        if action.help in (None, "==SUPPRESS==") or action.dest == "help":
+            continue
+        assert "default" in bench._get_formatter()._get_help_string(action) % vars(action), action.dest
 
 
 def test_each_method_is_measured_alone_on_the_device_asked_for(monkeypatch):
