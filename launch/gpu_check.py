@@ -7,8 +7,8 @@ Steps, each a subprocess with its own time limit (a failure or a timeout never s
   shards-<cfg>      synthetic shards for each configs/cpu task (under OUT/data, reused when present)
   train-<cfg>       each configs/cpu/*.yaml task for --steps steps under the deepspeed launcher, world size 1
                     (NCCL and bf16 on cuda, gloo and the config's fp32 on cpu)
-  bench-voc/-coco   `mona-dist bench` for the detection tasks, batch 1, every method: Swin-L 1000x600 (VOC) and
-                    Swin-B 1333x800 (COCO) in bf16 on cuda; --tiny: Swin-nano at 96x64 / 128x96
+  bench-voc/-coco   `mona-dist bench` for the detection tasks, batch 1, every method: Swin-L 600x1000 (VOC) and
+                    Swin-B 800x1333 (COCO) (H x W) in bf16 on cuda; --tiny: Swin-nano at 64x96 / 96x128
   bench-data-<cfg>  `mona-dist bench-data --device DEV` on the task's shards
 Writes OUT/<step>.json (status, exit code, wall time, budget, command, log, parsed results), OUT/summary.json and
 prints one table; exits 1 if any step failed or timed out. OUT: --out, else $OUT, else runs/gpu-check.
@@ -47,12 +47,12 @@ BUDGET_S = {
 }
 CPU_FACTOR = 10  # a loaded 2-core CPU runs even the tiny sizes (and every start-up) several times slower
 # bench's detectors by the data set they come from: the task name bench offers for it, backbone and size
-# (W x H) at paper scale and with --tiny.
+# (H x W, as `bench --img-size` reads it) at paper scale and with --tiny.
 BENCH = {
-    "voc": {"tasks": ("voc", "det"), "backbone": "swin_large_patch4_window7_224", "size": "1000x600",
-            "tiny_size": "96x64"},
-    "coco": {"tasks": ("coco",), "backbone": "swin_base_patch4_window7_224", "size": "1333x800",
-             "tiny_size": "128x96"},
+    "voc": {"tasks": ("voc",), "backbone": "swin_large_patch4_window7_224", "size": "600x1000",
+            "tiny_size": "64x96"},
+    "coco": {"tasks": ("coco",), "backbone": "swin_base_patch4_window7_224", "size": "800x1333",
+             "tiny_size": "96x128"},
 }
 TINY_BACKBONE = "swin_nano_patch4_window7"
 

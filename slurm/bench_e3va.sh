@@ -20,5 +20,5 @@
 
 source "${MONA_DIST_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"
 # V-PETL's COCO memory table compares these methods on Swin-B.
-mona_bench "--backbone swin_base_patch4_window7_224 --task det --batch-size 2 --img-size 512 --steps 20 --warmup 5 \
+mona_bench "--backbone swin_base_patch4_window7_224 --task coco --batch-size 2 --img-size 512 --steps 20 --warmup 5 \
 --methods full,fixed,e3va,mona,lora,adapter,adaptformer,lorand,bitfit"
