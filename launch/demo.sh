@@ -30,7 +30,15 @@ echo "== training: deepspeed --num_gpus 2 launch/train.py --config $CONFIG $*"
 "$BIN/deepspeed" --num_gpus 2 launch/train.py --config "$CONFIG" "$@"
 
 echo
-echo "== memory/time of the methods side by side on the demo backbone (mona-dist bench)"
+echo "== the run's backbone as one file (mona-dist export; Mona adds modules, so no --merge)"
+SETS=()  # the run's --set overrides (not --resume and the like): the same config the run trained
+ARGS=("$@")
+for ((i = 0; i + 1 < ${#ARGS[@]}; i++)); do [ "${ARGS[i]}" = --set ] && SETS+=(--set "${ARGS[i+1]}"); done
+"$PY" -m mona_dist.cli export --config "$CONFIG" ${SETS[@]+"${SETS[@]}"} --checkpoint latest --out "$OUT/export/backbone.safetensors"
+
+echo
+echo "== training memory/time and inference latency of the methods side by side on the demo backbone (mona-dist bench)"
+echo "   (swin_nano at 128 px: the goals set for Swin-B/L at paper sizes print as not comparable)"
 "$PY" -m mona_dist.cli bench --backbone swin_nano_patch4_window7 --methods full,fixed,mona,e3va,mona_hw,lora \
   --task seg --batch-size 4 --img-size 128 --steps 5 --warmup 1 --device cpu --out "$OUT/bench"
 
@@ -41,6 +49,7 @@ cat <<MSG
    metrics          : $OUT/metrics.jsonl
    checkpoints      : $OUT/checkpoints (newest: $OUT/checkpoints/latest -> $(readlink "$OUT/checkpoints/latest" 2>/dev/null || echo none))
    adapter only     : $OUT/checkpoints/latest/adapter.safetensors
+   whole backbone   : $OUT/export/backbone.safetensors (build_backbone(..., pretrained=FILE))
    resolved config  : $OUT/config.yaml
    method comparison: $OUT/bench/bench.md, bench.png, bench.json
 MSG
