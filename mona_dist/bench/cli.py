@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-class DefaultsHelp(argparse.HelpFormatter):
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's help ends with its default, unless the text already names it (or there is none to show:
     required flags, switches, and None that the text explains)."""
 

@@ -45,7 +45,12 @@ def export(args: argparse.Namespace) -> int:
     if args.out.suffix != ".safetensors":
         raise ValueError(f"--out {args.out}: expected a .safetensors file name")
     bb, ckpt, step = backbone_from_checkpoint(cfg, args.checkpoint)
-    source = {"checkpoint": str(ckpt), "step": str(step), "method_options": json.dumps(cfg.model.method_options)}
+    from mona_dist.adapters import check_method_options, method_options
+
+    options = {**method_options(bb.method), **check_method_options(bb.method, dict(cfg.model.method_options))}
+    # as the adapter files write them: every option, defaults filled in (tuples as JSON lists)
+    source = {"checkpoint": str(ckpt), "step": str(step), "task": cfg.task,
+              "method_options": json.dumps(options, default=list, sort_keys=True)}
     if args.merge:
         path, notes = write_timm(bb, args.out, **source)
         from mona_dist.models import BACKBONES

@@ -185,16 +185,6 @@ def test_goals_are_judged_only_for_the_paper_backbones_at_paper_sizes():
             f"-> not comparable: goal set for Swin-B/L at >= 224 px, measured on {other['backbone']} at {other['img_size'] if other['img_size'] == 128 else '600x1000'}")
 
 
-def test_bench_help_shows_every_default():
-    from mona_dist.cli import build_parser
-
-    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
-    for action in bench._actions:
-        if action.help in (None, "==SUPPRESS==") or action.dest == "help":
-            continue
-        assert "default" in bench._get_formatter()._get_help_string(action) % vars(action), action.dest
-
-
 def test_each_method_is_measured_alone_on_the_device_asked_for(monkeypatch):
     """When a method's memory is measured, no model of an earlier method is alive (CPU and CUDA tables compare);
     the engine is built on the bench's device, never on `pick_device()`'s (`--device cpu` on a GPU host)."""

@@ -60,6 +60,7 @@ def test_export_latest_loads_back_with_equal_features(lora_run, tmp_path, capsys
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["step"] == "4" and meta["method"] == "lora" and json.loads(meta["out_indices"]) == [3]
+    assert json.loads(meta["method_options"]) == {"alpha": 1.0, "rank": 4}  # defaults filled in, as adapter files
     loaded = build_backbone(cfg.model.backbone, "lora", pretrained=str(out), out_indices=(-1,), rank=4).eval()
     fresh = build_backbone(cfg.model.backbone, "lora", out_indices=(-1,), rank=4).eval()
     x = torch.randn(2, 3, 48, 40)
