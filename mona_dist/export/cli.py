@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def export(args: argparse.Namespace) -> int:
     from mona_dist.config import load_config
 
-    from .merge import MERGEABLE, UNMERGEABLE, write_backbone, write_timm
+    from torch import nn
+
+    from .merge import MERGEABLE, UNMERGEABLE, timm_head_kwargs, write_backbone, write_timm
     from .run import backbone_from_checkpoint
 
     cfg = load_config(args.config, args.overrides)
@@ -44,7 +46,7 @@ def export(args: argparse.Namespace) -> int:
                          f"drop --merge for the complete backbone file")
     if args.out.suffix != ".safetensors":
         raise ValueError(f"--out {args.out}: expected a .safetensors file name")
-    bb, ckpt, step = backbone_from_checkpoint(cfg, args.checkpoint)
+    bb, ckpt, step, model = backbone_from_checkpoint(cfg, args.checkpoint)
     from mona_dist.adapters import check_method_options, method_options
 
     options = {**method_options(bb.method), **check_method_options(bb.method, dict(cfg.model.method_options))}
@@ -52,16 +54,24 @@ def export(args: argparse.Namespace) -> int:
     source = {"checkpoint": str(ckpt), "step": str(step), "task": cfg.task,
               "method_options": json.dumps(options, default=list, sort_keys=True)}
     if args.merge:
-        path, notes = write_timm(bb, args.out, **source)
+        # a cls run's linear head on the pooled last output is exactly timm's classifier: the file carries it
+        head = model.head if cfg.task == "cls" and isinstance(getattr(model, "head", None), nn.Linear) else None
+        path, notes = write_timm(bb, args.out, head=head, **source)
         from mona_dist.models import BACKBONES
 
         spec = BACKBONES.get(bb.name)
-        extra = "".join(f", {k}={v!r}" for k, v in spec.timm_kwargs.items())
-        if bb.family == "swin":
-            extra += ", always_partition=True" if bb.swin_arithmetic == "official" else ""
-        print(f"wrote {path}: timm state dict of {bb.name} ({bb.method} merged) from {ckpt}")
-        print(f"load: timm.create_model({spec.timm_name!r}, pretrained=True, num_classes=0, "
-              f"pretrained_cfg_overlay=dict(file={str(path)!r}){extra})")
+        kwargs = dict(spec.timm_kwargs)
+        if bb.family == "swin" and bb.swin_arithmetic == "official":
+            kwargs["always_partition"] = True
+        if head is not None:
+            kwargs.update(timm_head_kwargs(bb))
+        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        classes = head.out_features if head is not None else 0
+        overlay = f"dict(file={str(path)!r}" + (f", num_classes={classes})" if head is not None else ")")
+        with_head = ", with the cls head" if head is not None else ""
+        print(f"wrote {path}: timm state dict of {bb.name} ({bb.method} merged{with_head}) from {ckpt}")
+        print(f"load: timm.create_model({spec.timm_name!r}, pretrained=True, num_classes={classes}, "
+              f"pretrained_cfg_overlay={overlay}{extra})")
         if bb.family == "swin" and bb.swin_arithmetic == "official":
             print("features equal this backbone's at input sizes whose every stage is a whole number of windows "
                   "(224 x 224 for window 7; README: Export)")

@@ -9,7 +9,8 @@ timm model; LoRA folds into the fused qkv weight as PEFT's `merge_and_unload` do
 v alike). Methods that add modules outside timm's layers (Mona, Adapter, AdaptFormer, LoRand, the E3VA / mona_hw
 highway) cannot be merged. The timm file is in timm's own key layout (downsample at the start of a stage,
 `layers.0` has none); the last output norm becomes timm's final `norm` (timm's `forward_features` applies it).
-The output norms of earlier outputs have no place in a timm model.
+The output norms of earlier outputs have no place in a timm model. A cls run's linear head becomes timm's
+classifier (`num_classes=K`): timm then computes the run's logits.
 """
 
 from __future__ import annotations
@@ -118,9 +119,20 @@ def _full_depth(bb: Backbone) -> int:
     return len(t.layers if bb.family == "swin" else t.blocks)
 
 
-def write_timm(bb: Backbone, path: str | Path, **metadata: str) -> tuple[Path, list[str]]:
-    """The merged trunk as a timm safetensors file; returns it and notes for the user (output norms left out)."""
+def timm_head_kwargs(bb: Backbone) -> dict[str, object]:
+    """What timm's classifier needs to compute a cls task's head: Swin pools the normed last stage (timm's default);
+    ViT averages the normed patch tokens, which is timm's `global_pool='avg'` without its extra `fc_norm`."""
+    return {} if bb.family == "swin" else {"global_pool": "avg", "fc_norm": False}
+
+
+def write_timm(bb: Backbone, path: str | Path, head: torch.nn.Linear | None = None,
+               **metadata: str) -> tuple[Path, list[str]]:
+    """The merged trunk as a timm safetensors file (with `head`, a cls task's classifier, as timm's); returns it and
+    notes for the user (output norms left out)."""
     sd = merged_trunk(bb)
+    if head is not None:
+        name = "head.fc" if bb.family == "swin" else "head"
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = head.weight.detach(), head.bias.detach()
     notes = []
     dropped = [i for i, n in zip(bb.out_indices[:-1], bb.out_norms[:-1])
                if not (torch.all(n.weight == 1) and torch.all(n.bias == 0))]

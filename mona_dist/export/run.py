@@ -8,14 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from mona_dist.adapters import load_adapter
 from mona_dist.models import Backbone
 from mona_dist.models.pretrained import loading_policy
 
 
-def backbone_from_checkpoint(cfg, checkpoint: str) -> tuple[Backbone, Path, int]:
-    """(backbone with the run's weights, checkpoint directory, its step) for `checkpoint` = latest or a path."""
+def backbone_from_checkpoint(cfg, checkpoint: str) -> tuple[Backbone, Path, int, nn.Module]:
+    """(backbone with the run's weights, checkpoint directory, its step, the task model) for `checkpoint` =
+    latest or a path."""
     from mona_dist.tasks import TASKS
     from mona_dist.train.checkpoint import frozen_fingerprint, read_meta, resolve_resume
     from mona_dist.train.loop import seed_everything
@@ -39,4 +41,4 @@ def backbone_from_checkpoint(cfg, checkpoint: str) -> tuple[Backbone, Path, int]
         raise ValueError(f"--checkpoint {ckpt}: the frozen weights built from this config differ from the run's "
                          f"(model.pretrained {cfg.model.pretrained!r} or train.seed changed?)")
     load_adapter(model, adapter)
-    return model.backbone.eval(), ckpt, int(meta["step"])
+    return model.backbone.eval(), ckpt, int(meta["step"]), model.eval()

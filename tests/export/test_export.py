@@ -77,11 +77,22 @@ def test_export_merge_of_a_run_is_a_timm_model_with_the_runs_features(lora_run, 
     assert code == 0
     printed = capsys.readouterr().out
     assert "always_partition=True" in printed and "pretrained_cfg_overlay" in printed
+    assert "num_classes=4, pretrained_cfg_overlay=dict(file=" in printed and "num_classes=4)" in printed
     ref, _ = _run_backbone(lora_run, 4)
     model = _timm_from(out, "swin_nano_patch4_window7", always_partition=True)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert _max_diff([model.forward_features(x).permute(0, 3, 1, 2)], ref(x)) < TOL
+    # the cls head came along: timm's classifier computes the run's logits (strict load: every key matched)
+    cfg = load_config(lora_run)
+    seed_everything(cfg.train.seed)
+    task_model = TASKS.get(cfg.task).build_model(cfg).eval()
+    load_adapter(task_model, f"{cfg.output_dir}/checkpoints/step-000004/adapter.safetensors")
+    spec = BACKBONES.get("swin_nano_patch4_window7")
+    classifier = timm.create_model(spec.timm_name, pretrained=True, num_classes=4, always_partition=True,
+                                   pretrained_cfg_overlay=dict(file=str(out), num_classes=4), **spec.timm_kwargs).eval()
+    with torch.no_grad():
+        assert _max_diff([classifier(x)], [task_model.logits(x)]) < TOL
 
 
 def test_checkpoint_of_other_frozen_weights_is_one_line(lora_run, tmp_path, capsys):
@@ -154,6 +165,21 @@ def test_merged_vit_equals_unmerged(tmp_path):
                   for b, n in zip(blocks, bb.out_norms)]
         assert _max_diff(normed, ours) < TOL
         assert _max_diff(build_backbone("vit_nano_patch16", "fixed", pretrained=str(path)).eval()(x), ours) < TOL
+
+
+def test_vit_cls_head_is_timms_avg_pool_without_fc_norm(tmp_path):
+    from mona_dist.export.merge import timm_head_kwargs
+
+    bb = _random_lora("vit_nano_patch16", out_indices=(-1,))
+    head = torch.nn.Linear(64, 3)
+    path, _ = write_timm(bb, tmp_path / "m.safetensors", head=head)
+    spec = BACKBONES.get("vit_nano_patch16")
+    model = timm.create_model(spec.timm_name, pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(
+        file=str(path), num_classes=3), **spec.timm_kwargs, **timm_head_kwargs(bb)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        # 1e-4, not 1e-5: timm's final norm has eps 1e-6, the output norm 1e-5 (test_merged_vit_equals_unmerged)
+        assert _max_diff([model(x)], [head(bb(x)[-1].mean(dim=(2, 3)))]) < 1e-4
 
 
 def test_merge_needs_the_whole_trunk():
