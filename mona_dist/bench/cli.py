@@ -118,7 +118,8 @@ def image_size(text: str) -> int | tuple[int, int]:
             raise ValueError
         return sides[0] if len(sides) == 1 else (sides[0], sides[1])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a side or HxW (height x width) such as 800x1333, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a side or HxW (height x width) such as 800x1333, got {text!r}") from None
 
 
 def _cpu_name() -> str:

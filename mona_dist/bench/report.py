@@ -113,7 +113,8 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
     head = (
         f"`{meta['command']}`  \n"
         f"{meta['backbone']}, task {meta['task']}, batch {meta['batch_size']}/rank x {meta['world_size']} rank(s), "
-        f"{_size(meta['img_size'])} px{'' if isinstance(meta['img_size'], int) else ' (HxW)'}, {meta['precision']}, engine {_engine(meta)}, "
+        f"{_size(meta['img_size'])} px{'' if isinstance(meta['img_size'], int) else ' (HxW)'}, {meta['precision']}, "
+        f"engine {_engine(meta)}, "
         f"activation checkpointing {'on' if meta['activation_checkpointing'] else 'off'}, {meta['steps']} timed "
         f"steps per method (interleaved) on {meta['device_name']}. Peak memory: "
         + ("CUDA max allocated, MAX over ranks." if meta["device"] == "cuda"
@@ -150,8 +151,8 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
             "head it shares with every method):\n" + "\n".join(f"- {g}" for g in goals)) if goals else ""
     anchors = "\n\nAnchors:\n" + "\n".join(f"- {a}" for a in PAPER_ANCHORS)
     train_rows = [r for r in rows if not r.get("inference_only")]
-    return (head + "\n".join(lines) + inference_table(rows, meta) + vpetl_table(train_rows, meta["task"], not_comparable) + tail
-            + anchors + "\n")
+    return (head + "\n".join(lines) + inference_table(rows, meta)
+            + vpetl_table(train_rows, meta["task"], not_comparable) + tail + anchors + "\n")
 
 
 def inference_table(rows: list[dict], meta: dict[str, Any]) -> str:
@@ -168,7 +169,8 @@ def inference_table(rows: list[dict], meta: dict[str, Any]) -> str:
         lat = (f"{1e3 * r['infer_latency_s']:.1f} ({1e3 * r['infer_latency_p10_s']:.1f}-"
                f"{1e3 * r['infer_latency_p90_s']:.1f})")
         diff = "" if r.get("merged_max_abs_diff") is None else f"{r['merged_max_abs_diff']:.1e}"
-        lines.append(f"| {r['method']} | {lat} | {_x(r.get('infer_vs_full'))} | {r['infer_images_per_s']:.1f} | {diff} |")
+        lines.append(f"| {r['method']} | {lat} | {_x(r.get('infer_vs_full'))} | {r['infer_images_per_s']:.1f} "
+                     f"| {diff} |")
     return "\n".join(lines)
 
 

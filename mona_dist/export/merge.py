@@ -39,9 +39,9 @@ UNMERGEABLE = {
 
 def _metadata(bb: Backbone, **extra: str) -> dict[str, str]:
     spec = BACKBONES.get(bb.name)
-    return {"format": FORMAT, "backbone": bb.name, "method": str(bb.method), "out_indices": json.dumps(list(bb.out_indices)),
-            "swin_arithmetic": bb.swin_arithmetic, "timm_name": spec.timm_name,
-            "timm_kwargs": json.dumps(spec.timm_kwargs), **extra}
+    return {"format": FORMAT, "backbone": bb.name, "method": str(bb.method),
+            "out_indices": json.dumps(list(bb.out_indices)), "swin_arithmetic": bb.swin_arithmetic,
+            "timm_name": spec.timm_name, "timm_kwargs": json.dumps(spec.timm_kwargs), **extra}
 
 
 def _save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:

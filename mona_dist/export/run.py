@@ -31,7 +31,8 @@ def backbone_from_checkpoint(cfg, checkpoint: str) -> tuple[Backbone, Path, int,
     if not adapter.is_file():
         raise FileNotFoundError(f"--checkpoint {ckpt}: no adapter.safetensors in it")
     if meta.get("task") not in (None, cfg.task):
-        raise ValueError(f"--checkpoint {ckpt} was written by a {meta['task']!r} run; the config's task is {cfg.task!r}")
+        raise ValueError(f"--checkpoint {ckpt} was written by a {meta['task']!r} run; the config's task is "
+                         f"{cfg.task!r}")
     task = TASKS.get(cfg.task)
     seed_everything(cfg.train.seed)  # as the trainer builds it: the same init for anything not loaded
     with loading_policy(strict=cfg.model.pretrained_strict):

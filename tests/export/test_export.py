@@ -96,7 +96,8 @@ def test_export_merge_of_a_run_is_a_timm_model_with_the_runs_features(lora_run, 
 
 
 def test_checkpoint_of_other_frozen_weights_is_one_line(lora_run, tmp_path, capsys):
-    code = main(["export", "--config", str(lora_run), "--set", "train.seed=7", "--out", str(tmp_path / "x.safetensors")])
+    code = main(["export", "--config", str(lora_run), "--set", "train.seed=7",
+                 "--out", str(tmp_path / "x.safetensors")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "frozen weights built from this config differ from the run's" in err
