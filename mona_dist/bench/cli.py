@@ -8,24 +8,14 @@ import shlex
 import sys
 from pathlib import Path
 
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's help ends with its default, unless the text already names it (or there is none to show:
-    required flags, switches, and None that the text explains)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("default" in text or action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS))
-                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
-            return text
-        return f"{text} (default: %(default)s)"
-
+from mona_dist.cli import DefaultsFormatter
 
 DEFAULT_METHODS = "full,fixed,mona,mona_hw,e3va,lora,adapter,adaptformer,lorand,bitfit"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="compare training memory and time, and inference latency, of methods side by side",
-                       description=__doc__, formatter_class=DefaultsHelp)
+                       description=__doc__, formatter_class=DefaultsFormatter)
     p.add_argument("--backbone", default=None,
                    help="default: the task's paper backbone (swin_large_patch4_window7_224 for voc, "
                         "swin_base_patch4_window7_224 otherwise)")
@@ -41,15 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="timed training steps per method, and timed eval forwards (0: memory only)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (and eval forwards) before timing")
     p.add_argument("--no-inference", dest="inference", action="store_false",
-                   help="skip the eval-mode latency and images/s (by default timed, LoRA also merged into qkv)")
+                   help="skip the eval-mode latency and images/s per method (LoRA also merged into qkv); "
+                        "without it, timed: %(default)s")
     p.add_argument("--engine", choices=["ddp", "deepspeed", "fairscale", "fsdp"], default="ddp",
                    help="the training engine every method runs under")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage (deepspeed 0-3, fairscale 1-2)")
     p.add_argument("--activation-checkpointing", action="store_true",
-                   help="checkpoint every block in training (default: off)")
+                   help="checkpoint every block in training")
     p.add_argument("--compile", action="store_true",
-                   help="also run every method under engine.compile (torch.compile per block), timed side by side "
-                        "(default: off)")
+                   help="also run every method under engine.compile (torch.compile per block), timed side by side")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")

@@ -19,13 +19,11 @@ def backbone_from_checkpoint(cfg, checkpoint: str) -> tuple[Backbone, Path, int,
     """(backbone with the run's weights, checkpoint directory, its step, the task model) for `checkpoint` =
     latest or a path."""
     from mona_dist.tasks import TASKS
-    from mona_dist.train.checkpoint import frozen_fingerprint, read_meta, resolve_resume
+    from mona_dist.infer.restore import find_checkpoint
+    from mona_dist.train.checkpoint import frozen_fingerprint, read_meta
     from mona_dist.train.loop import seed_everything
 
-    try:  # the same resolution as `train --resume` (latest falls back to the newest complete checkpoint)
-        ckpt, _ = resolve_resume(cfg.output_dir, checkpoint)
-    except (ValueError, FileNotFoundError) as err:
-        raise type(err)(str(err).replace("--resume", "--checkpoint")) from None
+    ckpt, _ = find_checkpoint(cfg.output_dir, checkpoint)  # as eval/predict and train --resume find it
     meta = read_meta(ckpt)
     adapter = ckpt / "adapter.safetensors"
     if not adapter.is_file():
