@@ -58,7 +58,8 @@ def test_the_walk_finds_what_it_should():
     assert found[1:] == ["x cmd --bare: no help text",
                                 "x cmd --quiet: the help does not show the default (3); use "
                                 "argparse.ArgumentDefaultsHelpFormatter or say '(default: ...)'"]
-    assert {"train", "params", "convert", "shards", "bench-data", "recipes", "bench", "export"} <= set(COMMANDS)
+    assert {"train", "params", "convert", "shards", "bench-data", "recipes", "bench", "export", "eval",
+            "predict"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", [
