@@ -89,6 +89,20 @@ def test_sbatch_script_trains_on_two_nodes(case, slurm_cluster, job_env, tmp_pat
     assert rc == 0, log
     assert "nodes=node[1-2] ntasks=2 restart=0" in log
     assert _check_finished_run(case, run_dir, 4) == [1, 2, 3, 4]
+    if case.data_task != "cls":
+        return
+    # `mona-dist eval` as one step of 2 tasks on both nodes (srun from the submitting shell): the run's own
+    # final eval, exactly, and nothing written into the run
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    res = slurm_cluster.run("srun", *SBATCH_FLAGS, sys.executable, "-m", "mona_dist.cli", "eval", "--config",
+                            str(run_dir / "config.yaml"), "--checkpoint", "latest", "--out", str(tmp_path / "eval"),
+                            env=job_env, cwd=REPO, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.count('"checkpoint": ') == 1, res.stdout  # one rank 0: both tasks joined one group
+    final = [r for r in _records(run_dir) if case.metric in r][-1]
+    got = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert got[case.metric] == final[case.metric], (got, final)
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
 
 
 @pytest.mark.parametrize("case", CASES)
