@@ -12,18 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from mona_dist.cli import DefaultsFormatter
+from mona_dist.cli import DefaultsFormatter, add_run_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a run's backbone as one safetensors file (complete, or merged for timm)",
                        description=__doc__, formatter_class=DefaultsFormatter)
-    p.add_argument("--config", required=True, help="the run's YAML config (its model section builds the trunk)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, value parsed as YAML (repeatable)")
-    p.add_argument("--checkpoint", default="latest", metavar="DIR|latest",
-                   help="latest: the newest complete checkpoint under the config's output_dir; or a checkpoint "
-                        "directory (step-N), a checkpoints directory or an output_dir")
+    add_run_arguments(p, "the run's YAML config (its model section builds the trunk)")
     p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     p.add_argument("--merge", action="store_true",
                    help="a plain timm state dict (LoRA folded into qkv); only for full, fixed, bitfit, norm, "

@@ -4,29 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-_CHECKPOINT = ("latest (the newest complete checkpoint of the config's output_dir, as --resume auto finds it), a "
-               "step directory <output_dir>/checkpoints/step-N, a checkpoints directory or an output_dir")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="the run's YAML config (its config.yaml, or the file it trained "
-                                                   "from)")
-    p.add_argument("--checkpoint", default="latest", metavar="latest|DIR", help=_CHECKPOINT)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, value parsed as YAML (repeatable), e.g. --set "
-                        "data.eval_batch_size=16")
-    # The deepspeed launcher appends --local_rank=N; ranks come from mona_dist.distributed instead.
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+_CONFIG_HELP = "the run's YAML config (its config.yaml, or the file it trained from)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mona_dist.cli import DefaultsFormatter as fmt  # "(default: ...)" where there is one
+    from mona_dist.cli import DefaultsFormatter as fmt, add_run_arguments
     p = sub.add_parser("eval", help="a checkpoint's metrics on the val shards, no training (any launcher)",
                        description="The task's metrics on the val shards (keys as in metrics.jsonl, e.g. eval/top1), "
                                    "computed by the trainer's own evaluation; printed as one JSON line, and written "
                                    "to --out/metrics.json and --out/tb. Runs under torchrun, deepspeed and srun.",
                        formatter_class=fmt)
-    _common(p)
+    add_run_arguments(p, _CONFIG_HELP)
     p.add_argument("--shards", default=None, metavar="SPEC",
                    help="val shards to score instead of data.val_shards (an index .json, a brace pattern or a "
                         "directory, as data.val_shards)")
@@ -39,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "size; coco: COCO results JSON with RLE masks; voc: boxes JSON) and a picture "
                                    "(<name>.vis.png). Images go through the task's eval pipeline.",
                        formatter_class=fmt)
-    _common(q)
+    add_run_arguments(q, _CONFIG_HELP)
     q.add_argument("--images", required=True, metavar="DIR|GLOB",
                    help="a directory (its jpg/png/... files) or a glob pattern, e.g. 'photos/*.jpg'")
     q.add_argument("--out", required=True, metavar="DIR", help="where the predictions and pictures go")

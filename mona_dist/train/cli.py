@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from mona_dist.cli import DefaultsFormatter
+from mona_dist.cli import DefaultsFormatter, add_run_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a task from a YAML config (any launcher: torchrun, deepspeed, srun)",
                        description=__doc__, formatter_class=DefaultsFormatter)
-    p.add_argument("--config", required=True, help="YAML config (may name a `base:` file)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, value parsed as YAML (repeatable), e.g. --set train.max_steps=20")
+    add_run_arguments(p, "YAML config (may name a `base:` file)", checkpoint=False)
     p.add_argument("--resume", default=None, metavar="latest|auto|PATH",
                    help="latest: <output_dir>/checkpoints/latest (must exist); auto: latest if present, else fresh; "
                         "or a checkpoint directory")
-    # The deepspeed launcher appends --local_rank=N; ranks come from mona_dist.distributed instead.
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
