@@ -106,6 +106,7 @@ class Backbone(nn.Module):
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
         if self.swin_arithmetic == "timm" and out_indices[-1] == len(dims) - 1 and isinstance(trunk.norm, nn.LayerNorm):
             self.out_norms[-1].load_state_dict(trunk.norm.state_dict())
+            self.out_norms[-1].eps = trunk.norm.eps  # the release's own norm, whole: timm's ViT uses 1e-6, not 1e-5
         if self.family == "swin":
             trunk.patch_embed.dynamic_img_pad = True  # bottom/right zero padding up to the patch size, as official
             set_swin_arithmetic(trunk, swin_arithmetic)

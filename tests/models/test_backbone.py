@@ -43,3 +43,13 @@ def test_checkpoint_units_are_blocks_or_highway_adapters():
     assert len(checkpoint_units(build_backbone("vit_nano_patch16", "lora"))) == 4
     assert len(checkpoint_units(build_backbone("swin_nano_patch4_window7", "e3va"))) == 16
     assert checkpoint_units(build_backbone("swin_nano_patch4_window7", "e3va", lora_fa=True)) == []
+
+
+
+def test_the_last_output_norm_is_the_releases_final_norm_eps_included():
+    """Under timm arithmetic (ViT's only one) the last output norm takes over the trunk's final norm: its weights
+    and its eps (timm's ViT: 1e-6; new output norms and timm's Swin: 1e-5), so it computes what the release did."""
+    vit = build_backbone("vit_nano_patch16", "fixed")
+    assert [n.eps for n in vit.out_norms] == [1e-5] * (len(vit.out_norms) - 1) + [1e-6]
+    swin = build_backbone("swin_nano_patch4_window7", "fixed", swin_arithmetic="timm")
+    assert [n.eps for n in swin.out_norms] == [1e-5] * len(swin.out_norms)
