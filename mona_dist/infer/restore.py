@@ -10,7 +10,7 @@ from mona_dist.config import Config
 from mona_dist.distributed import DistState
 from mona_dist.engine import Engine
 from mona_dist.tasks import Task
-from mona_dist.train.checkpoint import resolve_resume, restore_model
+from mona_dist.train.checkpoint import _agree, resolve_resume, restore_model
 
 
 @dataclass
@@ -29,15 +29,7 @@ def find_checkpoint(output_dir: str | Path, spec: str) -> tuple[Path, str | None
     directory, a checkpoints/ directory or an output_dir."""
     if spec == "auto":
         raise ValueError("--checkpoint auto: give `latest` or a checkpoint directory")
-    try:
-        found, note = resolve_resume(output_dir, "auto" if spec == "latest" else spec)
-    except (ValueError, FileNotFoundError) as err:  # the same finder as train's --resume; this command's flag
-        raise type(err)(str(err).replace("--resume", "--checkpoint")) from None
-    if found is None:
-        raise FileNotFoundError(f"--checkpoint latest: no complete checkpoint in {Path(output_dir) / 'checkpoints'} "
-                                f"(output_dir of the config)")
-    note = note.replace("--resume auto", "--checkpoint latest").replace("--resume", "--checkpoint") if note else None
-    return found, (note.replace("resuming from", "using") if note else None)
+    return resolve_resume(output_dir, spec, flag="--checkpoint")  # the trainer's finder; `latest` must find one
 
 
 def restore(cfg: Config, spec: str) -> Restored:
@@ -45,15 +37,8 @@ def restore(cfg: Config, spec: str) -> Restored:
     from mona_dist.train.loop import build_model_and_engine, start
 
     dist, cfg, _, task = start(cfg)
-    path, note = _on_main(dist, find_checkpoint, cfg.output_dir, spec)
+    path, note = _agree(dist, find_checkpoint, cfg.output_dir, spec)  # rank 0 looks; its answer or error on all
     engine, meta, _, _ = build_model_and_engine(cfg, task, dist)
     saved, notes = restore_model(path, engine, dist, expect=meta)
     engine.train(False)
     return Restored(cfg, dist, task, engine, path, int(saved["step"]), ([note] if note else []) + notes)
-
-
-def _on_main(dist: DistState, fn: Any, *args: Any) -> Any:
-    """`fn` on rank 0, its result or its one-line error on every rank."""
-    from mona_dist.train.checkpoint import _agree
-
-    return _agree(dist, fn, *args)

@@ -207,7 +207,13 @@ def older_complete(path: Path) -> Path | None:
     return older[-1] if older else None
 
 
-def _from_root(root: Path, asked: str) -> tuple[Path | None, str | None]:
+# The flags that name a checkpoint: train's --resume, and eval/predict/export's --checkpoint. Per flag: the verb of
+# the note when an older checkpoint is taken, and what the "none found" error adds.
+_FLAGS = {"--resume": ("resuming from", "--resume auto starts fresh when there is none"),
+          "--checkpoint": ("using", "output_dir of the config")}
+
+
+def _from_root(root: Path, asked: str, flag: str) -> tuple[Path | None, str | None]:
     """`root/latest` if it names a complete checkpoint, else the newest complete one (and a note saying so)."""
     latest = root / LATEST
     if latest.exists():
@@ -219,42 +225,44 @@ def _from_root(root: Path, asked: str) -> tuple[Path | None, str | None]:
     complete = complete_checkpoints(root)
     if not complete:
         return None, None
+    verb = _FLAGS[flag][0]
     if latest.is_symlink() or latest.exists():
         state = "points at a missing directory" if not latest.exists() else "points at an incomplete checkpoint"
-        return complete[-1], (f"--resume {asked}: {latest} {state} ({os.readlink(latest) if latest.is_symlink() else '?'}); "
-                              f"resuming from the newest complete checkpoint {complete[-1].name}")
-    return complete[-1], f"--resume {asked}: no {latest}; resuming from the newest complete checkpoint {complete[-1].name}"
+        target = os.readlink(latest) if latest.is_symlink() else "?"
+        return complete[-1], (f"{flag} {asked}: {latest} {state} ({target}); "
+                              f"{verb} the newest complete checkpoint {complete[-1].name}")
+    return complete[-1], f"{flag} {asked}: no {latest}; {verb} the newest complete checkpoint {complete[-1].name}"
 
 
-def resolve_resume(output_dir: str | Path, resume: str | None) -> tuple[Path | None, str | None]:
+def resolve_resume(output_dir: str | Path, resume: str | None,
+                   flag: str = "--resume") -> tuple[Path | None, str | None]:
     """(checkpoint to load or None, a note for the log). `latest`: must find one; `auto`: fresh when there is none;
-    PATH: a step directory, a checkpoints/ directory or an output_dir (its checkpoints/)."""
+    PATH: a step directory, a checkpoints/ directory or an output_dir (its checkpoints/). `flag` (--resume or
+    --checkpoint) is the option the messages name."""
     if resume is None:
         return None, None
     if resume in ("latest", "auto"):
         root = checkpoint_root(output_dir)
-        found, note = _from_root(root, resume)
+        found, note = _from_root(root, resume, flag)
         if found is None and resume == "latest":
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {root} (--resume auto starts "
-                                    f"fresh when there is none)")
+            raise FileNotFoundError(f"{flag} latest: no complete checkpoint in {root} ({_FLAGS[flag][1]})")
         return found, note
     path = Path(resume)
     if path.is_file():
-        raise ValueError(f"--resume {resume}: is a file; give a checkpoint directory (<output_dir>/checkpoints/"
+        raise ValueError(f"{flag} {resume}: is a file; give a checkpoint directory (<output_dir>/checkpoints/"
                          f"step-N), a checkpoints directory or an output_dir")
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+        raise FileNotFoundError(f"{flag} {resume}: no such checkpoint directory")
     if (path / "meta.json").exists():
         return path.resolve(), None
     for root in (path, path / "checkpoints"):
         if (root / LATEST).is_symlink() or complete_checkpoints(root):
-            found, note = _from_root(root, resume)
+            found, note = _from_root(root, resume, flag)
             if found is not None:
                 return found, note
-    raise ValueError(f"--resume {resume}: not a checkpoint directory (no meta.json, and no complete checkpoint in it)")
+    raise ValueError(f"{flag} {resume}: not a checkpoint directory (no meta.json, and no complete checkpoint in it)")
 
 
-# -- loading -----------------------------------------------------------------------------------------------------
 def verify_files(path: Path, world_size: int) -> None:
     """Rank 0, before anyone loads: every rank file is there and every torch file passes its zip CRCs."""
     missing = [f"rank-{r:05d}.pt" for r in range(world_size) if not (path / f"rank-{r:05d}.pt").is_file()]
@@ -352,8 +360,7 @@ def load_checkpoint(path: Path, engine: Engine, loader: Any, dist: DistState, ex
         if note:
             notes.append(note)
     counters = state.get("counters", {}) if state is not None else {}  # rank 0 (the one that logs) has a file
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
+    barrier()
     return Resumed(int(meta["step"]), counters, loader, notes)
 
 
@@ -387,8 +394,7 @@ def restore_model(path: Path, engine: Engine, dist: DistState, expect: dict[str,
     buffers), without the trainer's RNG and data position: what eval and predict run. Returns (meta, notes)."""
     meta = _agree(dist, _checked, path, expect)
     notes = _load_engine(path, engine, meta, dist)
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
+    barrier()
     return meta, notes
 
 

@@ -118,8 +118,9 @@ def start(cfg: Config) -> tuple[DistState, Config, Any, Task]:
 
 
 def build_model_and_engine(cfg: Config, task: Task, dist: DistState) -> tuple[Engine, dict, list, dict]:
-    """(engine, checkpoint meta, pretrained reports, adapter-file metadata). The model is built from `train.seed` on every rank, so its
-    frozen weights are the same in train, eval and predict (meta's fingerprint checks it against a checkpoint)."""
+    """(engine, checkpoint meta, pretrained reports, adapter-file metadata). The model is built from `train.seed` on
+    every rank, so its frozen weights are the same in train, eval and predict (meta's fingerprint checks it against
+    a checkpoint)."""
     seed_everything(cfg.train.seed)  # the same model on every rank
     with loading_policy(strict=cfg.model.pretrained_strict) as pretrained_reports:
         model = task.build_model(cfg)
