@@ -143,6 +143,8 @@ def apply_method(model: nn.Module, method: str, swin_arithmetic: str | None = No
     model.requires_grad_(False)
     fn(model if method in _WHOLE_MODEL else trunk, **options)
     model.method = method
+    # Every option, defaults filled in: what an adapter file records and is checked against (adapters/io.py).
+    model.method_options = {**method_options(method), **options}
     return model
 
 

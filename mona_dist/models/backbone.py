@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from ..adapters import apply_method, check_method_options, method_options as method_defaults
+from ..adapters import apply_method
 from ..adapters.blocks import SWIN_ARITHMETICS, family, set_swin_arithmetic
 from ..registry import Registry
 
@@ -168,9 +168,7 @@ def build_backbone(
     spec = BACKBONES.get(name)
     trunk = timm.create_model(spec.timm_name, pretrained=False, drop_path_rate=drop_path_rate, **spec.timm_kwargs)
     bb = Backbone(name, trunk, out_indices, swin_arithmetic)
-    apply_method(bb, method, **method_options)
-    # Every option, defaults filled in: what an adapter file records and is checked against (adapters/io.py).
-    bb.method_options = {**method_defaults(method), **check_method_options(method, method_options)}
+    apply_method(bb, method, **method_options)  # records the options, defaults filled in, as bb.method_options
     if pretrained:
         from .pretrained import load_pretrained
 
