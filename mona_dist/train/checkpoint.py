@@ -300,13 +300,16 @@ def _trainer_state(path: Path, rank: int) -> dict[str, Any]:
     return state
 
 
-def _check_meta(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
+def check_meta(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
+    """`path`'s meta.json, once it has every value of `expect` (the frozen-weight fingerprint within float noise);
+    else one ValueError line naming the first that differs."""
     meta = read_meta(path)
     for key, want in expect.items():
         have = meta.get(key)
         if key == "frozen_fingerprint":
             if have is not None and not np.isclose(have, want, rtol=1e-9, atol=1e-6):
-                raise ValueError(f"checkpoint {path}: the frozen weights differ from this run's (other pretrained/seed?)")
+                raise ValueError(f"checkpoint {path}: the frozen weights built from this config differ from the "
+                                 f"run's (model.pretrained or train.seed changed?)")
         elif have != want:
             raise ValueError(f"checkpoint {path} has {key}={have!r}; this run has {want!r}")
     return meta
@@ -381,7 +384,7 @@ def _load_engine(path: Path, engine: Engine, meta: dict[str, Any], dist: DistSta
 
 
 def _checked(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
-    meta = _check_meta(path, expect)
+    meta = check_meta(path, expect)
     try:
         verify_files(path, meta["world_size"])
     except ValueError as err:

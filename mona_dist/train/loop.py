@@ -117,13 +117,20 @@ def start(cfg: Config) -> tuple[DistState, Config, Any, Task]:
     return dist, cfg, batch_plan, task
 
 
+def build_task_model(cfg: Config, task: Task) -> tuple[torch.nn.Module, list]:
+    """(the task's model, its pretrained-load reports), built from `train.seed`: the same frozen weights and initial
+    tensors on every rank and in every command that rebuilds a run's model (train, eval, predict, export)."""
+    seed_everything(cfg.train.seed)
+    with loading_policy(strict=cfg.model.pretrained_strict) as pretrained_reports:
+        model = task.build_model(cfg)
+    return model, pretrained_reports
+
+
 def build_model_and_engine(cfg: Config, task: Task, dist: DistState) -> tuple[Engine, dict, list, dict]:
     """(engine, checkpoint meta, pretrained reports, adapter-file metadata). The model is built from `train.seed` on
     every rank, so its frozen weights are the same in train, eval and predict (meta's fingerprint checks it against
     a checkpoint)."""
-    seed_everything(cfg.train.seed)  # the same model on every rank
-    with loading_policy(strict=cfg.model.pretrained_strict) as pretrained_reports:
-        model = task.build_model(cfg)
+    model, pretrained_reports = build_task_model(cfg, task)
     meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
             "frozen_fingerprint": frozen_fingerprint(model)}
     # from the plain model, before an engine wraps it: the adapter files describe what they were saved from
