@@ -41,11 +41,17 @@ from .transforms import IGNORE_INDEX, JitterDraw, build_transform
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
 
+def decode_rgb_bytes(data: bytes) -> torch.Tensor:
+    """Encoded image bytes (any IMAGE_KEYS format, told by its content) as uint8 (3, H, W); libjpeg-turbo/libpng
+    through torchvision."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
 def decode_rgb(sample: dict[str, Any], exclude: str = "") -> torch.Tensor:
-    """The sample's image as uint8 (3, H, W); libjpeg-turbo/libpng through torchvision."""
+    """The sample's image as uint8 (3, H, W)."""
     for key in IMAGE_KEYS:
         if key in sample and key != exclude:
-            return decode_image(torch.frombuffer(bytearray(sample[key]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_rgb_bytes(sample[key])
     raise KeyError(f"no image member ({'/'.join(IMAGE_KEYS)}) in sample; members: {sorted(sample)}")
 
 

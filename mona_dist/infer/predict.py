@@ -25,7 +25,9 @@ import torch
 
 from mona_dist.config import Config
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff"}
+from mona_dist.data.pipelines import IMAGE_KEYS, decode_rgb_bytes
+
+IMAGE_SUFFIXES = {f".{key}" for key in IMAGE_KEYS}  # the formats a shard's image member may have
 
 
 def list_images(spec: str) -> list[Path]:
@@ -47,11 +49,8 @@ def list_images(spec: str) -> list[Path]:
 
 def read_image(path: Path) -> torch.Tensor:
     """uint8 (3, H, W), decoded as the loader decodes shard images; a broken file is one line naming it."""
-    from torchvision.io import ImageReadMode, decode_image
-
     try:
-        data = path.read_bytes()
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_rgb_bytes(path.read_bytes())
     except (RuntimeError, ValueError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ValueError(f"{path}: not a readable image ({first})") from None
