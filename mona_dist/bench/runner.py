@@ -1,10 +1,11 @@
 """Memory and time of tuning methods, measured side by side in one run.
 
 Protocol (every method: same backbone, head, inputs, precision and engine):
-1. Memory, method by method, each alone: build, warm up, then one step whose saved activations are counted with
-   saved-tensor hooks and whose peak is read from the device (CUDA max allocated since before the method was
-   built, MAX over ranks; on CPU the exact accounting params + grads + optimizer state + saved activations, beside
-   the peak RSS above the process's RSS before the method was built, over its build, warm-up and step). The
+1. Memory, method by method, each alone: build, `warmup` steps, then one step whose saved activations are counted
+   with saved-tensor hooks; the peak: on CUDA max allocated over one more step, counted from before the method was
+   built (MAX over ranks); on CPU the exact accounting params + grads + optimizer state + saved activations after
+   the counted step, beside the peak RSS above the process's RSS before the method was built, over its build,
+   warm-up and step (no further step: on CPU a paper-size detector step takes minutes). The
    method's engine is then freed (and on CPU the freed heap handed back to the OS), so no earlier engine is
    resident while the next one is measured.
 2. Time, interleaved: every method is built again; `steps` rounds each run one full step (forward, backward,
@@ -214,19 +215,26 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
     units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves
     _sync(device)
     t0 = time.perf_counter()
-    _step(engine, batch)  # the first warm-up step: compilation happens here under engine.compile
-    _sync(device)
-    first_step = all_reduce_max(time.perf_counter() - t0)
-    for _ in range(spec.warmup - 1):
+    first_step = None  # the first step's time (compilation, under engine.compile): a warm-up or the counted step
+    for i in range(spec.warmup):
         _step(engine, batch)
+        if i == 0:
+            _sync(device)
+            first_step = time.perf_counter() - t0
     saved, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()),
                                          checkpointed=units)
     engine.backward(loss)
     engine.step()
     del loss
-    if device.type == "cuda":
-        meter.start()  # the timed step's own peak; on CPU VmHWM keeps running from before the build
-    _step(engine, batch)
+    if first_step is None:
+        _sync(device)
+        first_step = time.perf_counter() - t0
+    first_step = all_reduce_max(first_step)
+    if device.type == "cuda":  # one more step: its own peak, with the optimizer state in place from the start
+        meter.start()
+        _step(engine, batch)
+    # On CPU the counted step is the only one needed (the exact accounting reads the state after it): a paper-size
+    # detector step takes minutes there. VmHWM runs from before the build, over the build and every step.
     transient = meter.stop()  # CPU: peak RSS since before the build, above the RSS then
     state = model_state_bytes(engine.module, engine.optimizer)
     if device.type == "cuda":
