@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mona-dist {args.command}: error: {msg}", file=sys.stderr)
         distributed.leave(wait_for_peers=False)  # the other ranks may never get here: no barrier
         return 2
+    if code:  # (train has imported mona_dist.train by now: no start-up cost for the other commands)
+        from mona_dist.train.signals import EX_TEMPFAIL, ignore_preemption_signals
+
+        if code == EX_TEMPFAIL:  # pre-empted, checkpoint saved: a late signal must not turn exit 75 into a kill
+            ignore_preemption_signals()  # before the barrier in leave(): no rank exits before every rank ignores
     # Every command that joined a process group leaves it on every rank before the interpreter shuts down: see
     # distributed.finish (a rank that exits inside the group can abort in gloo's teardown).
     distributed.leave(wait_for_peers=True)

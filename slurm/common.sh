@@ -17,10 +17,17 @@
 #      (steps only; `--full` or `--batch` would also/only hit this shell). With `--signal=B:USR1@...` only this
 #      shell is signalled; it then forwards USR1 to srun, which relays it to the tasks, so both forms work.
 #   2. The trainer saves `$RUN_DIR/checkpoints/latest` and every rank exits 75 (EX_TEMPFAIL).
-#   3. srun returns 75; this shell runs `scontrol requeue $SLURM_JOB_ID` (needs `--requeue`). SLURM puts the job
+#   3. srun returns 75 (the highest exit code of its tasks); this shell runs `scontrol requeue $SLURM_JOB_ID`
+#      (needs `--requeue`). SLURM puts the job
 #      back in the queue under the same id with SLURM_RESTART_COUNT incremented; `--open-mode=append` keeps the
 #      first run's log lines in the same output file.
 #   4. The requeued job runs the same command; `--resume auto` picks up the checkpoint.
+# A failing rank ends the step: srun runs with `--kill-on-bad-exit=1`, so when one task exits non-zero (an error,
+# a crash) srun terminates the others at once instead of leaving them blocked in a collective with the dead rank
+# until the process-group timeout (NCCL does not notice a peer's death; 30 min of every GPU of the job). The
+# status is then the failing task's (or 128+signal), never 75: no requeue. Exit 75 is non-zero too, so on a
+# pre-emption srun SIGTERMs the ranks still exiting after the first: the trainer ignores pre-emption signals once
+# its checkpoint is saved, before the barrier that every rank passes before any exits, so they all still exit 75.
 # GPUs: the scripts ask `#SBATCH --gpus-per-task=1`, so every task (rank) sees exactly its own GPU (as cuda:0; mona-dist
 # exports LOCAL_RANK=0 for DeepSpeed accordingly). On CPU-only nodes pass `--gpus-per-task=0`.
 # SIGTERM (cancellation, the time limit, pre-emption by SLURM itself) reaches every process of the step directly:
@@ -50,7 +57,7 @@ mona_log() { echo "[$(date +%FT%T)] [slurm ${SLURM_JOB_ID:-local}.${SLURM_RESTAR
 mona_srun() {
     local pid status
     mona_log "nodes=${SLURM_JOB_NODELIST:-?} ntasks=${SLURM_NTASKS:-?} restart=${SLURM_RESTART_COUNT:-0}: $*"
-    srun "$@" &
+    srun --kill-on-bad-exit=1 "$@" &
     pid=$!
     trap 'mona_log "batch shell got SIGTERM; forwarding to srun"; kill -TERM "$pid" 2>/dev/null || true' TERM
     trap 'mona_log "batch shell got SIGUSR1; forwarding to srun"; kill -USR1 "$pid" 2>/dev/null || true' USR1

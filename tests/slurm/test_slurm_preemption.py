@@ -1,7 +1,9 @@
-"""Pre-emption through slurm/common.sh: USR1 reaches the srun'd tasks, exit 75 requeues, the rerun resumes.
+"""Pre-emption through slurm/common.sh: USR1 reaches the srun'd tasks, exit 75 requeues, the rerun resumes; a
+failing task ends the step (srun --kill-on-bad-exit) and is not requeued.
 
-The task stands in for the trainer's signal contract only (catch USR1, save, exit 75; resume when a checkpoint
-exists); the SLURM side — signal delivery, `scontrol requeue`, SLURM_RESTART_COUNT, the appended log — is real.
+The task stands in for the trainer's signal contract only (USR1 and TERM only set a flag, and stay caught until
+exit; on the flag save and exit 75; resume when a checkpoint exists); the SLURM side — signal delivery, srun's
+termination of a step, `scontrol requeue`, SLURM_RESTART_COUNT, the appended log — is real.
 """
 
 from __future__ import annotations
@@ -24,14 +26,27 @@ TASK = textwrap.dedent("""
         print(f"rank {rank} restart {restart}: resumed from {ckpt.read_text()}", flush=True)
         sys.exit(0)
     got = []
-    signal.signal(signal.SIGUSR1, lambda signo, frame: got.append(signo))
+    for sig in (signal.SIGUSR1, signal.SIGTERM):  # as the trainer's PreemptionFlag, caught until the process ends
+        signal.signal(sig, lambda signo, frame: got.append(signal.Signals(signo).name))
     (d / f"ready-rank{rank}").touch()
+    if os.environ.get("FAIL_RANK") == rank:
+        print(f"rank {rank}: fails", flush=True)
+        sys.exit(3)
     deadline = time.monotonic() + 150  # a guard against a lost signal, not a measurement
     while not got and time.monotonic() < deadline:
         time.sleep(0.1)
     if not got:
         print(f"rank {rank}: no signal arrived", flush=True)
-        sys.exit(3)
+        sys.exit(4)
+    if os.environ.get("FAIL_RANK"):  # the survivor: a trainer blocked in a collective with the dead rank (NCCL)
+        print(f"rank {rank}: got {got[0]}, stays blocked", flush=True)
+        time.sleep(150)
+        print(f"rank {rank}: was left blocked", flush=True)
+        sys.exit(5)
+    if rank == os.environ.get("SLOW_RANK"):  # still saving when the other rank has exited 75
+        while "SIGTERM" not in got and time.monotonic() < deadline:
+            time.sleep(0.1)
+        print(f"rank {rank} restart {restart}: got {'+'.join(got)} while saving", flush=True)
     ckpt.write_text(f"run {restart}")
     print(f"rank {rank} restart {restart}: got USR1, checkpoint saved", flush=True)
     sys.exit(75)
@@ -96,3 +111,28 @@ def test_time_limit_signal_requeues(slurm_cluster, job_env, tmp_path):
     log = out.read_text()
     _assert_requeued_and_resumed(slurm_cluster, job_id, rc, log)
     assert "batch shell got SIGUSR1" not in log
+
+
+def test_a_rank_still_saving_when_another_exits_75_is_not_killed_and_the_job_requeues(slurm_cluster, job_env,
+                                                                                      tmp_path):
+    # srun --kill-on-bad-exit=1 takes the first exit 75 as a bad exit and SIGTERMs rank 1, which is still saving:
+    # the signal is caught (the trainer's contract), rank 1 still exits 75, srun returns 75 and the job requeues.
+    job_id, rc, log = _signal_when_ready(slurm_cluster, job_env | {"SLOW_RANK": "1"}, tmp_path)
+    assert "rank 1 restart 0: got SIGUSR1+SIGTERM while saving" in log, log
+    assert "_step_signal: Terminating StepId" in log, log  # srun's own line: it did terminate the step
+    _assert_requeued_and_resumed(slurm_cluster, job_id, rc, log)
+
+
+def test_a_failing_rank_ends_the_step_and_the_job_fails_without_requeue(slurm_cluster, job_env, tmp_path):
+    # Rank 1 exits 3; rank 0 stands in for a trainer blocked in a collective with the dead rank (NCCL does not
+    # notice): it catches srun's SIGTERM, as the trainer does, and stays blocked, so srun kills it after KillWait.
+    # Without --kill-on-bad-exit rank 0 would sit out its 150 s and print "was left blocked".
+    script, out = _job(tmp_path), tmp_path / "job.out"
+    job_id, rc = slurm_cluster.sbatch_wait(script, "--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0",
+                                           f"--output={out}", env=job_env | {"FAIL_RANK": "1"})
+    log = out.read_text()
+    assert "rank 1: fails" in log and "rank 0: got SIGTERM, stays blocked" in log, log
+    assert "was left blocked" not in log and "requeueing" not in log, log
+    assert rc != 0 and "srun exited with status" in log, log
+    fields = slurm_cluster.job_fields(job_id)
+    assert (fields["JobState"], fields["Restarts"]) == ("FAILED", "0"), fields

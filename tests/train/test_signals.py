@@ -58,6 +58,32 @@ def test_group_signal_to_a_single_process_run_checkpoints_and_exits_75(tmp_path,
 
 
 @pytest.mark.slow
+def test_signals_after_the_preemption_checkpoint_do_not_turn_exit_75_into_a_kill(tmp_path, cls_shards):
+    # Under `srun --kill-on-bad-exit=1` (slurm/common.sh) the first rank to exit 75 makes srun SIGTERM the others,
+    # which are on their way out too: a SIGTERM after the checkpoint, until the process is gone, must leave it at
+    # 75 (SLURM requeues 75, not 143). Without ignore_preemption_signals this dies of the signal on the way out.
+    cfg, out_dir = long_run(tmp_path, cls_shards), tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "train.log").open("w")  # a file, not a pipe: nobody reads while the signals are sent
+    proc = subprocess.Popen([sys.executable, "launch/train.py", "--config", str(cfg), "--set", "data.workers=0"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (out_dir / "metrics.jsonl").is_file() and len(step_losses(out_dir)) >= 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    sent = 0
+    while proc.poll() is None:  # one SIGTERM every 5 ms through the checkpoint, the group's leave and teardown
+        try:
+            proc.send_signal(signal.SIGTERM)
+            sent += 1
+        except ProcessLookupError:
+            break
+        time.sleep(0.005)
+    rc, out = proc.wait(timeout=120), (tmp_path / "train.log").read_text()
+    assert rc == 75, (rc, out[-3000:])
+    assert sent > 10 and "pre-empted: checkpoint" in out
+    assert 2 <= stopped_at(out_dir) < 400
+
+
+@pytest.mark.slow
 def test_group_sigterm_to_a_two_rank_deepspeed_launcher_run_checkpoints_and_every_rank_exits_75(tmp_path, cls_shards):
     # the ddp engine under the deepspeed launcher: what is tested is how the launcher's process tree takes a group
     # signal (runner dies, launcher SIGTERMs each rank's tree and waits), not DeepSpeed's engine
