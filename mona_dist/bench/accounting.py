@@ -6,18 +6,23 @@
   state"): read from the tensors themselves, so ZeRO sharding and fp32 master copies show as they really are.
 - `zero_model_state_estimate`: the ZeRO paper's arithmetic for the same quantity, printed beside the measurement;
   `fsdp_model_state_estimate` the same for FSDP2, which shards everything 1/world and keeps fp32 shards.
+- `LiveTensorPeak`: the most tensor bytes alive at once over a step, the model state included: on CPU, what CUDA
+  `max_memory_allocated` reads on a GPU (temporaries and gradients in flight, not only what autograd saves).
 - `PeakMemory`: CUDA `max_memory_allocated` since a reset on GPU; on CPU the process's peak RSS (VmHWM), reset
   through /proc/self/clear_refs, both relative to what was allocated before the measured step.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -82,6 +87,19 @@ def _base_optimizer(opt: Any) -> Any:
     return opt
 
 
+def model_state_tensors(model: nn.Module, optimizer: Any = None) -> dict[str, list[torch.Tensor]]:
+    """{'params', 'grads', 'optimizer'}: the tensors of the model's state on this rank (see model_state_bytes)."""
+    params = [getattr(p, "ds_tensor", p) if p.numel() == 0 else p for p in model.parameters()]
+    out = {"params": params, "grads": [p.grad for p in model.parameters() if p.grad is not None], "optimizer": []}
+    base = _base_optimizer(optimizer) if optimizer is not None else None
+    if isinstance(base, torch.optim.Optimizer):
+        masters = [p for g in base.param_groups for p in g["params"]]
+        out["params"] += masters
+        out["grads"] += [p.grad for p in masters if p.grad is not None]
+        out["optimizer"] = [t for st in base.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    return out
+
+
 def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]:
     """{'params', 'grads', 'optimizer', 'total'}: distinct storages this rank holds for the model's state.
 
@@ -92,10 +110,10 @@ def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]
     """
     seen: set[tuple[str, int]] = set()
 
-    def take(ts: Iterable[torch.Tensor | None]) -> int:
+    def take(ts: Iterable[torch.Tensor]) -> int:
         total = 0
         for t in ts:
-            if t is None or _local(t).numel() == 0:
+            if _local(t).numel() == 0:
                 continue
             key = _storage_key(t)
             if key not in seen:
@@ -103,17 +121,7 @@ def model_state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]
                 total += _storage_bytes(t)
         return total
 
-    params = [getattr(p, "ds_tensor", p) if p.numel() == 0 else p for p in model.parameters()]
-    out = {"params": take(params), "grads": take(p.grad for p in model.parameters())}
-    base = _base_optimizer(optimizer) if optimizer is not None else None
-    if isinstance(base, torch.optim.Optimizer):
-        masters = [p for g in base.param_groups for p in g["params"]]
-        state = [t for st in base.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-        out["params"] += take(masters)
-        out["grads"] += take(p.grad for p in masters)
-        out["optimizer"] = take(state)
-    else:
-        out["optimizer"] = 0
+    out = {k: take(ts) for k, ts in model_state_tensors(model, optimizer).items()}  # params, grads, optimizer
     out["total"] = out["params"] + out["grads"] + out["optimizer"]
     return out
 
@@ -151,6 +159,57 @@ def fsdp_model_state_estimate(trainable: int, frozen: int, world_size: int) -> d
     out = {"params": (trainable + frozen) * 4 // n, "grads": trainable * 4 // n, "optimizer": trainable * 8 // n}
     out["total"] = out["params"] + out["grads"] + out["optimizer"]
     return out
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once while the mode is on (`peak`, from `base`).
+
+    `base`: the distinct storages of `held` (the model state at entry: parameters, buffers, gradients, optimizer
+    state). On top: every storage an op creates while the mode is on (an output that shares no storage with the
+    op's inputs; views and in-place results are not new memory), until it is freed: torch keeps one Python object
+    per storage, and a finalizer on it runs when the last tensor, view or saved-for-backward reference is gone.
+    The autograd engine runs a CPU backward on the calling thread under the same mode, so gradients and the
+    backward's temporaries are counted. What a kernel allocates and frees inside itself (a oneDNN scratchpad) is
+    not seen; on CUDA, `max_memory_allocated` sees those too and reads the device instead.
+    """
+
+    def __init__(self, held: Iterable[torch.Tensor] = (), device: torch.device | str = "cpu"):
+        super().__init__()
+        self.device = torch.device(device)
+        self._held: set[int] = set()
+        self.base = 0
+        for t in held:
+            t = _local(t)
+            if t.numel() and t.untyped_storage()._cdata not in self._held:
+                self._held.add(t.untyped_storage()._cdata)
+                self.base += t.untyped_storage().nbytes()
+        self._live: dict[int, int] = {}  # storage -> bytes, for the storages created under the mode
+        self.current = self.peak = self.base
+
+    def _freed(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # torch.tensor(data) builds its tensor outside the dispatcher and hands it to lift_fresh: new memory
+        fresh = func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+        inputs = set() if fresh else {_local(t).untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                                      if isinstance(t, torch.Tensor) and _local(t).device == self.device}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or _local(t).device != self.device:
+                continue
+            storage = _local(t).untyped_storage()
+            key = storage._cdata
+            if key in self._live:  # an out= or in-place op may have resized a storage created here
+                grown = storage.nbytes() - self._live[key]
+                self._live[key] += grown
+                self.current += grown
+            elif key not in inputs and key not in self._held:
+                self._live[key] = storage.nbytes()
+                self.current += self._live[key]
+                weakref.finalize(storage, self._freed, key)
+        self.peak = max(self.peak, self.current)
+        return out
 
 
 def _rss_kib(field: str) -> int:

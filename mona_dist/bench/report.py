@@ -30,17 +30,30 @@ def vpetl_table(rows: list[dict], task: str, not_comparable: str | None = None) 
     if not paper or not all(r.get("peak_vs_full") is not None and r.get("peak_vs_fixed") is not None
                             for r in rows if r["method"] in paper):
         return ""
-    lines = ["| method | V-PETL MB | x full | V-PETL x full | difference | x fixed | V-PETL x fixed |",
-             "|---|---|---|---|---|---|---|"]
+    live = any(r.get("live_vs_full") is not None for r in rows)  # CPU: also the live-tensor peak's ratios
+    cols = ["method", "V-PETL MB", "x full", "V-PETL x full", "difference", "x fixed", "V-PETL x fixed"]
+    if live:
+        cols[5:5] = ["live x full", "difference"]
+        cols += ["live x fixed"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def diff(ratio: float | None, ref: float) -> str:
+        if ratio is None:
+            return ""
+        flag = "" if abs(ratio - ref) <= VPETL_TOLERANCE or not_comparable else " (outside +-0.10)"
+        return f"{ratio - ref:+.2f}{flag}"
+
     for r in rows:
         mb = paper.get(r["method"].split(":")[0])
         if mb is None or r.get("peak_vs_full") is None:
             continue
         ref_full, ref_fixed = mb / paper["full"], mb / paper["fixed"]
-        diff = r["peak_vs_full"] - ref_full
-        flag = "" if abs(diff) <= VPETL_TOLERANCE or not_comparable else " (outside +-0.10)"
-        lines.append(f"| {r['method']} | {mb:,} | {r['peak_vs_full']:.2f} | {ref_full:.2f} | {diff:+.2f}{flag} | "
-                     f"{_x(r.get('peak_vs_fixed'))} | {ref_fixed:.2f} |")
+        cells = [r["method"], f"{mb:,}", _x(r["peak_vs_full"]), f"{ref_full:.2f}", diff(r["peak_vs_full"], ref_full),
+                 _x(r.get("peak_vs_fixed")), f"{ref_fixed:.2f}"]
+        if live:
+            cells[5:5] = [_x(r.get("live_vs_full")), diff(r.get("live_vs_full"), ref_full)]
+            cells += [_x(r.get("live_vs_fixed"))]
+        lines.append("| " + " | ".join(cells) + " |")
     why = f" ({not_comparable})" if not_comparable else ""
     return f"\n\nNext to V-PETL's table (peak memory as ratios){why}:\n\n" + "\n".join(lines) if len(lines) > 2 else ""
 
@@ -119,7 +132,9 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
         f"steps per method (interleaved) on {meta['device_name']}. Peak memory: "
         + ("CUDA max allocated, MAX over ranks." if meta["device"] == "cuda"
            else "exact params + grads + optimizer state + saved activations (beside it, peak RSS: the process's "
-                "peak resident memory over the method's build, warm-up and step, above its RSS before the build).")
+                "peak resident memory over the method's build, warm-up and step, above its RSS before the build; "
+                "live peak: the most tensor bytes alive at once over the counted step, model state included, "
+                "what max_memory_allocated reads on a GPU).")
         + " First step: the first warm-up step of a build"
         + (" (of a `+compile` run: its compilation); x eager: step time over the same method's eager run."
            if meta.get("compile") else ".")
@@ -131,7 +146,7 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
     if meta.get("compile"):
         cols.append("x eager")
     if meta["device"] == "cpu":
-        cols.insert(5, "peak RSS MiB")
+        cols[5:5] = ["peak RSS MiB", "live peak MiB", "live x full"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in (r for r in rows if not r.get("inference_only")):
         cells = [r["method"], f"{r['trainable']:,}", _mib(r["peak_mem_bytes"]), _x(r.get("peak_vs_full")),
@@ -143,7 +158,7 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
         if meta.get("compile"):
             cells.append(_x(r.get("time_vs_eager")))
         if meta["device"] == "cpu":
-            cells.insert(5, _mib(r["rss_peak_bytes"]))
+            cells[5:5] = [_mib(r["rss_peak_bytes"]), _mib(r.get("live_peak_bytes")), _x(r.get("live_vs_full"))]
         lines.append("| " + " | ".join(cells) + " |")
     not_comparable = goals_comparable(meta)
     goals = goal_lines(rows, meta["activation_checkpointing"], not_comparable)
@@ -215,6 +230,7 @@ def write_outputs(rows: list[dict], meta: dict[str, Any], out: Path) -> str:
         for r in rows:
             for key in ("peak_mem_bytes", "saved_activation_bytes", "model_state_bytes", "step_time_s",
                         "images_per_s", "trainable", "peak_vs_full", "time_vs_full", "first_step_s", "time_vs_eager",
+                        "live_peak_bytes", "live_vs_full",
                         "infer_latency_s", "infer_images_per_s", "infer_vs_full"):
                 if r.get(key) is not None:
                     tb.add_scalar(f"bench/{r['method'].replace(' ', '_')}/{key}", r[key], 0)

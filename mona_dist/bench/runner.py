@@ -17,6 +17,7 @@ the others; the first warm-up step of each build is timed apart (`first_step_s`:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import statistics
@@ -34,8 +35,8 @@ from ..adapters import count_parameters, parse_method_options
 from ..adapters.blocks import Recompute
 from ..distributed import all_reduce_max
 from ..models import build_backbone, checkpoint_units
-from .accounting import (PeakMemory, fsdp_model_state_estimate, model_state_bytes, saved_activation_bytes,
-                         zero_model_state_estimate)
+from .accounting import (LiveTensorPeak, PeakMemory, fsdp_model_state_estimate, model_state_bytes,
+                         model_state_tensors, saved_activation_bytes, zero_model_state_estimate)
 
 COMPILED = "+compile"  # label suffix of a method's compiled run
 
@@ -221,11 +222,16 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
         if i == 0:
             _sync(device)
             first_step = time.perf_counter() - t0
-    saved, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()),
-                                         checkpointed=units)
-    engine.backward(loss)
-    engine.step()
-    del loss
+    # On CPU the counted step also runs under LiveTensorPeak: the most tensor bytes alive at once, model state
+    # included (on a GPU, max_memory_allocated reads the same from the device).
+    state = [t for ts in model_state_tensors(engine.module, engine.optimizer).values() for t in ts]
+    live = LiveTensorPeak([*state, *model.buffers()], device) if device.type == "cpu" else contextlib.nullcontext()
+    with live:
+        saved, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()),
+                                             checkpointed=units)
+        engine.backward(loss)
+        engine.step()
+        del loss
     if first_step is None:
         _sync(device)
         first_step = time.perf_counter() - t0
@@ -258,6 +264,7 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
         "model_state_estimate_bytes": estimate["total"],
         "model_state_estimate_breakdown": estimate,
         "rss_peak_bytes": all_reduce_max(int(transient)) if device.type == "cpu" else None,
+        "live_peak_bytes": all_reduce_max(int(live.peak)) if device.type == "cpu" else None,
         "first_step_s": first_step,
     }
     engine.release()
@@ -311,9 +318,10 @@ def add_ratios(rows: list[dict]) -> None:
         if ref not in by:
             continue
         for r in rows:
-            for key, short in (("peak_mem_bytes", "peak"), ("step_time_s", "time"), ("saved_activation_bytes", "saved")):
-                base = by[ref][key]
-                r[f"{short}_vs_{ref}"] = r[key] / base if base and r[key] is not None else None
+            for key, short in (("peak_mem_bytes", "peak"), ("step_time_s", "time"), ("saved_activation_bytes", "saved"),
+                               ("live_peak_bytes", "live")):
+                base = by[ref].get(key)
+                r[f"{short}_vs_{ref}"] = r[key] / base if base and r.get(key) is not None else None
     for r in rows:  # a compiled run against the same method eager, measured side by side
         eager = by.get(r["method"].removesuffix(COMPILED)) if r["method"].endswith(COMPILED) else None
         r["time_vs_eager"] = (r["step_time_s"] / eager["step_time_s"]

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mona_dist.bench.accounting import model_state_bytes, saved_activation_bytes, zero_model_state_estimate
+from mona_dist.bench.accounting import (LiveTensorPeak, model_state_bytes, saved_activation_bytes,
+                                       zero_model_state_estimate)
 
 B, IN, HID = 4, 6, 10
 
@@ -70,3 +71,38 @@ def test_zero_estimate_follows_the_paper():
     # Frozen weights: storage only, sharded by ZeRO-3 alone.
     assert zero_model_state_estimate(0, psi, "fp32", 2, 4)["total"] == 4 * psi
     assert zero_model_state_estimate(0, psi, "fp32", 3, 4)["total"] == psi
+
+
+def test_live_peak_counts_new_storages_until_their_last_reference_goes():
+    with LiveTensorPeak() as live:
+        a = torch.empty(1000)  # 4000 bytes
+        v = a.view(10, 100)
+        a.add_(1)  # a view and an in-place result are no new memory
+        assert live.current == 4000
+        b = a * 2
+        assert live.current == 8000
+        del a
+        assert live.current == 8000  # the view still holds a's storage
+        del v
+        assert live.current == 4000
+        c = torch.tensor([1.0, 2.0])  # built outside the dispatcher, handed to lift_fresh: still counted
+        assert live.current == 4008
+    assert live.peak == 8000 and b.numel() + c.numel() == 1002
+
+
+def test_live_peak_of_a_training_step_matches_a_hand_count():
+    model, x = _mlp(), torch.randn(B, IN)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    n_all = sum(p.numel() for p in model.parameters())
+    with LiveTensorPeak(model.parameters()) as live:
+        assert live.base == 4 * n_all
+        loss = model(x).sum()
+        # Forward: Linear 1's output h (B x HID) and ReLU's r live together (320 bytes, the forward's peak); h goes
+        # when Sequential moves on, r stays (saved by ReLU and Linear 2), Linear 2's output goes after the sum.
+        assert live.peak == live.base + 2 * B * HID * 4
+        assert live.current == live.base + B * HID * 4 + 4
+        loss.backward()
+        assert live.current == live.base + 4 * n_all + 4  # r freed with the graph; one gradient per parameter
+        opt.step()
+    assert live.current == live.base + 2 * 4 * n_all + 4  # + SGD's momentum buffers
+    assert live.current - 4 == model_state_bytes(model, opt)["total"]

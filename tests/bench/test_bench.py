@@ -151,6 +151,10 @@ def test_coco_and_voc_benchmark_the_tasks_own_mmdet_detectors(task, detector, tm
     assert full["peak_vs_full"] == 1.0 and e3va["model_state_bytes"] > fixed["model_state_bytes"]
     assert full["peak_mem_bytes"] > max(fixed["peak_mem_bytes"], e3va["peak_mem_bytes"])
     assert all(r["step_time_s"] is None for r in rows)  # steps 0: memory only
+    for r in rows:  # at the end of the forward every saved activation is alive beside the parameters
+        params = r["model_state_breakdown"]["params"]
+        assert r["live_peak_bytes"] >= params + r["saved_activation_bytes"] > 0
+    assert full["live_vs_full"] == 1.0 > fixed["live_vs_full"]
     meta = {**vars(spec), "device": "cpu", "world_size": 1, "device_name": "test CPU", "command": "mona-dist bench"}
     md = write_outputs(rows, meta, tmp_path)
     assert "64x96 px (HxW)" in md and "Next to V-PETL's table" in md
@@ -158,6 +162,7 @@ def test_coco_and_voc_benchmark_the_tasks_own_mmdet_detectors(task, detector, tm
     vpetl = md.split("Next to V-PETL's table")[1]
     fixed_row = next(line for line in vpetl.splitlines() if line.startswith("| fixed | "))
     assert f"| {({'coco': 7137, 'voc': 3967}[task] / paper_full):.2f} |" in fixed_row
+    assert f"| {fixed['live_vs_full']:.2f} |" in fixed_row and "live x full" in vpetl
 
 
 def test_image_sizes_read_as_height_x_width():
