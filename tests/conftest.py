@@ -1,6 +1,7 @@
 """Suite-wide settings. Subfolders keep their own fixtures in their own conftest.py."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,24 @@ def _leave_the_process_group():
     from mona_dist import distributed
 
     distributed.leave(wait_for_peers=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """(task, num_train, num_val, size, per_shard) -> the output directory (source/ and shards/) of
+    `mona_dist.data.synthetic.build` for those sizes, written once per session with the user-facing writer."""
+    from mona_dist.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    built: dict[tuple, Path] = {}
+
+    def get(task: str, num_train: int, num_val: int, size: int, per_shard: int) -> Path:
+        key = (task, num_train, num_val, size, per_shard)
+        if key not in built:
+            out = root / "-".join(map(str, key))
+            synthetic.build(task, str(out), num_train=num_train, num_val=num_val, size=size, seed=0,
+                            per_shard=per_shard)
+            built[key] = out
+        return built[key]
+
+    return get

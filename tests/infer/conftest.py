@@ -8,20 +8,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def infer_shards(tmp_path_factory):
+def infer_shards(synthetic_set):
     """task ("cls" | "ade20k" | "coco" | "voc") -> its shards/ directory, built on first use."""
-    from mona_dist.data import synthetic
-
-    root = tmp_path_factory.mktemp("infer-data")
-    built: dict[str, Path] = {}
-
-    def get(task: str) -> Path:
-        if task not in built:
-            synthetic.build(task, str(root / task), num_train=16, num_val=6, size=48, per_shard=8)
-            built[task] = root / task / "shards"
-        return built[task]
-
-    return get
+    return lambda task: synthetic_set(task, 16, 6, 48, 8) / "shards"
 
 
 @pytest.fixture(scope="session")
