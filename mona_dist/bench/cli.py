@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="images per rank and step")
     p.add_argument("--img-size", type=image_size, default=None, metavar="SIDE|HxW",
                    help="a side, or height x width; default: 224 (cls, seg), 800x1333 (coco), 600x1000 (voc)")
+    p.add_argument("--objects", type=int, default=4,
+                   help="coco, voc: ground-truth objects per image (random boxes; coco also their masks)")
     p.add_argument("--steps", type=int, default=10,
                    help="timed training steps per method, and timed eval forwards (0: memory only)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (and eval forwards) before timing")
@@ -64,6 +66,8 @@ def bench(args: argparse.Namespace) -> int:
         METHODS.get(method)
         options.pop("swin_arithmetic", None)  # a backbone option, checked by build_backbone
         check_method_options(method, options)
+    if args.objects < 1:
+        raise ValueError(f"--objects: expected at least 1 object per image, got {args.objects}")
     device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
@@ -85,7 +89,7 @@ def bench(args: argparse.Namespace) -> int:
     spec = BenchSpec(
         backbone=args.backbone or backbone, methods=[m for m in args.methods.split(",") if m], task=args.task,
         batch_size=args.batch_size, img_size=args.img_size or hw, steps=args.steps, warmup=args.warmup,
-        num_classes=classes,
+        num_classes=classes, objects=args.objects,
         engine=args.engine, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,
         precision=args.precision or ("bf16" if device_kind == "cuda" else "fp32"), compile=args.compile,
         inference=args.inference,

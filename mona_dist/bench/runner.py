@@ -118,6 +118,7 @@ class BenchSpec:
     activation_checkpointing: bool = False
     precision: str = "fp32"
     num_classes: int = 100
+    objects: int = 4  # ground-truth objects per image of a detection batch (the heads' memory grows with them)
     seed: int = 0
     compile: bool = False  # also measure every method under engine.compile
     inference: bool = True  # also time every method in eval mode (bench/inference.py)
@@ -142,15 +143,16 @@ def make_batch(spec: BenchSpec, device: torch.device) -> dict[str, Any]:
     g = torch.Generator().manual_seed(spec.seed)
     h, w = spec.hw
     images = torch.randn(spec.batch_size, 3, h, w, generator=g)
-    if spec.task in DETECTION:  # 4 objects per image in the detection batch format; coco adds instance masks
+    if spec.task in DETECTION:  # `objects` per image in the detection batch format; coco adds instance masks
         targets = []
         size = torch.tensor([w, h], dtype=torch.float32)
+        n = spec.objects
         for _ in range(spec.batch_size):
-            xy = torch.rand(4, 2, generator=g) * size * 0.6
-            boxes = torch.cat([xy, xy + (torch.rand(4, 2, generator=g) * 0.3 + 0.1) * size], 1)
-            t = {"boxes": boxes.to(device), "labels": torch.randint(1, spec.num_classes + 1, (4,), generator=g).to(device)}
+            xy = torch.rand(n, 2, generator=g) * size * 0.6
+            boxes = torch.cat([xy, xy + (torch.rand(n, 2, generator=g) * 0.3 + 0.1) * size], 1)
+            t = {"boxes": boxes.to(device), "labels": torch.randint(1, spec.num_classes + 1, (n,), generator=g).to(device)}
             if spec.task == "coco":
-                masks = torch.zeros(4, h, w, dtype=torch.uint8)
+                masks = torch.zeros(n, h, w, dtype=torch.uint8)
                 for k, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
                     masks[k, y1:y2, x1:x2] = 1
                 t["masks"] = masks.to(device)

@@ -106,3 +106,18 @@ def test_live_peak_of_a_training_step_matches_a_hand_count():
         opt.step()
     assert live.current == live.base + 2 * 4 * n_all + 4  # + SGD's momentum buffers
     assert live.current - 4 == model_state_bytes(model, opt)["total"]
+
+
+def test_frozen_linear_inputs_are_what_a_keep_every_input_rule_would_add():
+    from mona_dist.bench.runner import BenchSpec, make_batch
+    from mona_dist.bench.saving_rule import frozen_linear_inputs
+
+    spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=[], task="seg", batch_size=1, img_size=32,
+                     num_classes=5)
+    batch = make_batch(spec, torch.device("cpu"))
+    assert frozen_linear_inputs(spec, "full", batch)[1] == 0  # every weight trains: every input is saved already
+    assert frozen_linear_inputs(spec, "fixed", batch)[1] == 0  # no gradient enters the backbone at all
+    saved, extra = frozen_linear_inputs(spec, "bitfit", batch)
+    full_saved = frozen_linear_inputs(spec, "full", batch)[0]
+    # BitFit's biases train, its weights do not: the linear inputs full keeps are the ones BitFit does not
+    assert 0 < extra and saved + extra <= full_saved

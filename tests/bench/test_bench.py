@@ -13,7 +13,7 @@ import torch
 
 from mona_dist.bench import runner
 from mona_dist.bench.report import write_outputs
-from mona_dist.bench.runner import BenchSpec, run_bench
+from mona_dist.bench.runner import BenchSpec, make_batch, run_bench
 from ports import free_port
 
 REQUIRED = {"method", "trainable", "peak_mem_bytes", "saved_activation_bytes", "step_time_s", "model_state_bytes",
@@ -163,6 +163,16 @@ def test_coco_and_voc_benchmark_the_tasks_own_mmdet_detectors(task, detector, tm
     fixed_row = next(line for line in vpetl.splitlines() if line.startswith("| fixed | "))
     assert f"| {({'coco': 7137, 'voc': 3967}[task] / paper_full):.2f} |" in fixed_row
     assert f"| {fixed['live_vs_full']:.2f} |" in fixed_row and "live x full" in vpetl
+
+
+def test_detection_batches_hold_the_objects_asked_for():
+    spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=[], task="coco", batch_size=2, img_size=(32, 48),
+                     objects=7, num_classes=80)
+    batch = make_batch(spec, torch.device("cpu"))
+    for t in batch["targets"]:
+        assert t["boxes"].shape == (7, 4) and t["labels"].shape == (7,) and t["masks"].shape == (7, 32, 48)
+        x1, y1, x2, y2 = t["boxes"].unbind(1)
+        assert bool((x2 > x1).all() and (y2 > y1).all() and (x2 <= 48).all() and (y2 <= 32).all())
 
 
 def test_image_sizes_read_as_height_x_width():

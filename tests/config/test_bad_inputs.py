@@ -130,7 +130,8 @@ def test_adapter_files_are_checked_for_dtype_and_finiteness(tmp_path, bad, said)
      "rank: "),
     (["bench", "--backbone", "swin_nano_patch4_window7", "--methods", "mona:inner_dim=-1", "--steps", "1"],
      "inner_dim: .*greater than 0"),
-], ids=["params-bound", "params-type", "params-yaml", "bench-type", "bench-bound"])
+    (["bench", "--task", "coco", "--objects", "0", "--steps", "1"], "--objects: expected at least 1"),
+], ids=["params-bound", "params-type", "params-yaml", "bench-type", "bench-bound", "bench-objects"])
 def test_method_options_on_the_command_line_are_one_line(argv, said, capsys):
     from mona_dist.cli import main
 
