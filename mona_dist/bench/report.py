@@ -136,7 +136,7 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
                 "peak resident memory over the method's build, warm-up and step, above its RSS before the build; "
                 "live peak: the most tensor bytes alive at once over the counted step, model state included, "
                 "what max_memory_allocated reads on a GPU).")
-        + " First step: the first warm-up step of a build"
+        + " First step: the first step of a build (the counted one with --warmup 0)"
         + (" (of a `+compile` run: its compilation); x eager: step time over the same method's eager run."
            if meta.get("compile") else ".")
         + "\n\n"

@@ -12,7 +12,7 @@ Protocol (every method: same backbone, head, inputs, precision and engine):
    optimizer) of every method, in an order rotated every round, so drift and noise hit all methods alike. Median
    and p10-p90 spread per method.
 With `compile`, every method runs twice, eager and under `engine.compile` (`<method>+compile`), interleaved like
-the others; the first warm-up step of each build is timed apart (`first_step_s`: compilation, for a compiled one).
+the others; the first step of each build is timed apart (`first_step_s`: compilation, for a compiled one).
 """
 
 from __future__ import annotations
