@@ -42,16 +42,18 @@ def _storage_bytes(t: torch.Tensor) -> int:
 
 
 def saved_activation_bytes(
-    fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = (), checkpointed: Iterable[nn.Module] = ()
+    fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = (), checkpointed: Iterable[nn.Module] = (),
+    storages: dict[tuple[str, int], int] | None = None,
 ) -> tuple[int, Any]:
     """Bytes of the distinct storages kept for backward while running `fn()`, minus those of `exclude`; and fn's result.
 
     Non-reentrant activation checkpointing keeps the *inputs* of each checkpointed module by reference (its own
     hooks replace every saved tensor inside by a placeholder), so the inputs of `checkpointed` modules are counted
     too. Storages are held until the count is done, so memory freed mid-forward cannot be reused and counted twice.
+    `storages`, if given, receives what was counted: (device, address) -> bytes.
     """
     skip = {_storage_key(t) for t in exclude if t.numel() > 0}
-    seen: dict[tuple[str, int], int] = {}
+    seen: dict[tuple[str, int], int] = {} if storages is None else storages
     held: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ import argparse
 
 import torch
 from torch import nn
-from torch.autograd.graph import saved_tensors_hooks
 
+from .accounting import _storage_bytes, _storage_key, saved_activation_bytes
 from .runner import TASK_DEFAULTS, BenchSpec, _free, build_model, make_batch, parse_method
 
 
@@ -24,31 +24,21 @@ def frozen_linear_inputs(spec: BenchSpec, label: str, batch: dict) -> tuple[int,
     method, opts = parse_method(label)
     torch.manual_seed(spec.seed)
     model = build_model(spec, method, opts).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-    inputs: dict[int, int] = {}
-    held: list[torch.Tensor] = []  # nothing freed mid-forward, so no address is counted for two tensors
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            held.append(t)
-        return t
+    saved: dict[tuple[str, int], int] = {}
+    inputs: dict[tuple[str, int], torch.Tensor] = {}  # held to the end: no address is counted for two tensors
 
     def frozen_input(module: nn.Linear, args: tuple) -> None:
         x = args[0]
         if isinstance(x, torch.Tensor) and x.requires_grad and not module.weight.requires_grad:
-            inputs[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-            held.append(x)
+            inputs[_storage_key(x)] = x
 
     hooks = [m.register_forward_pre_hook(frozen_input) for m in model.modules() if isinstance(m, nn.Linear)]
     try:
-        with saved_tensors_hooks(pack, lambda t: t):
-            model(batch)["loss"]
+        total, _ = saved_activation_bytes(lambda: model(batch)["loss"], exclude=model.parameters(), storages=saved)
     finally:
         for h in hooks:
             h.remove()
-    return sum(saved.values()), sum(n for k, n in inputs.items() if k not in saved)
+    return total, sum(_storage_bytes(x) for k, x in inputs.items() if k not in saved)
 
 
 def main(argv: list[str] | None = None) -> None:
