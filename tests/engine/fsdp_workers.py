@@ -18,6 +18,13 @@ from toy import frozen_and_trainable, init_group, write_result
 OPTIM = OptimConfig(lr=3e-3, weight_decay=0.01)
 
 
+def leave_group() -> None:
+    """Barrier, then destroy: a rank that tears down right after its last collective can abort in gloo's teardown
+    (mona_dist.distributed.finish says why); seen once in CI on run_batchnorm."""
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
 def classifier(method: str, backbone: str = "swin_nano_patch4_window7", **options):
     from mona_dist.models import build_backbone
     from mona_dist.tasks.cls import Classifier, ClsHeadOptions
@@ -94,7 +101,7 @@ def run_methods(rank: int, world_size: int, port: int, variants: list[dict], out
             r["checkpoint_files"] = sorted(p.name for p in (ckpt / "engine").iterdir())
         engine.release()
         results[spec["key"]] = r
-    tdist.destroy_process_group()
+    leave_group()
     if rank == 0:  # one rank alone reads what two wrote: DCP reshards
         tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
         for i, spec in enumerate(variants):
@@ -124,7 +131,7 @@ def run_compiled(rank: int, world_size: int, port: int, variants: list[dict], ou
                                 "graph_breaks": sum(counters["graph_break"].values())}
         engine.release()
     write_result(Path(out), rank, results)
-    tdist.destroy_process_group()
+    leave_group()
 
 
 class NormNet(torch.nn.Module):
@@ -161,4 +168,4 @@ def run_batchnorm(rank: int, world_size: int, port: int, variants: list[dict], o
         tdist.all_gather(gathered, logits)
         results[spec["key"]] = {"ranks_agree": all(torch.equal(gathered[0], t) for t in gathered)}
     write_result(Path(out), rank, results)
-    tdist.destroy_process_group()
+    leave_group()
