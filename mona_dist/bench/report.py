@@ -126,7 +126,7 @@ def markdown(rows: list[dict], meta: dict[str, Any]) -> str:
     head = (
         f"`{meta['command']}`  \n"
         f"{meta['backbone']}, task {meta['task']}, batch {meta['batch_size']}/rank x {meta['world_size']} rank(s), "
-        + (f"{meta.get('objects', 4)} objects per image, " if meta["task"] in VPETL_MB else "") +
+        + (f"{meta['objects']} objects per image, " if meta["task"] in VPETL_MB else "") +
         f"{_size(meta['img_size'])} px{'' if isinstance(meta['img_size'], int) else ' (HxW)'}, {meta['precision']}, "
         f"engine {_engine(meta)}, "
         f"activation checkpointing {'on' if meta['activation_checkpointing'] else 'off'}, {meta['steps']} timed "

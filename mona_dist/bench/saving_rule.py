@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .accounting import _storage_bytes, _storage_key, saved_activation_bytes
+from .report import VPETL_MB
 from .runner import TASK_DEFAULTS, BenchSpec, _free, build_model, make_batch, parse_method
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backbone", default=None, help="default: the task's paper backbone")
     p.add_argument("--img-size", type=image_size, default=None, metavar="SIDE|HxW")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--methods", default="full,fixed,e3va,mona,lora,adapter,adaptformer,lorand,bitfit")
+    p.add_argument("--methods", default=",".join(VPETL_MB["coco"]), help="default: V-PETL's COCO table's")
     args = p.parse_args(argv)
     backbone, hw, classes = TASK_DEFAULTS[args.task]
     spec = BenchSpec(backbone=args.backbone or backbone, methods=args.methods.split(","), task=args.task,

@@ -10,19 +10,13 @@ import torch.distributed as tdist
 
 from mona_dist.adapters.io import clean_name
 from mona_dist.config.schema import EngineConfig, OptimConfig
+from mona_dist.distributed import finish
 from mona_dist.engine import build_engine
 
 from multirank import step_mean_loss
 from toy import frozen_and_trainable, init_group, write_result
 
 OPTIM = OptimConfig(lr=3e-3, weight_decay=0.01)
-
-
-def leave_group() -> None:
-    """Barrier, then destroy: a rank that tears down right after its last collective can abort in gloo's teardown
-    (mona_dist.distributed.finish says why); seen once in CI on run_batchnorm."""
-    tdist.barrier()
-    tdist.destroy_process_group()
 
 
 def classifier(method: str, backbone: str = "swin_nano_patch4_window7", **options):
@@ -101,7 +95,7 @@ def run_methods(rank: int, world_size: int, port: int, variants: list[dict], out
             r["checkpoint_files"] = sorted(p.name for p in (ckpt / "engine").iterdir())
         engine.release()
         results[spec["key"]] = r
-    leave_group()
+    finish()  # barrier, then destroy: leaving right after the last collective can abort in gloo's teardown
     if rank == 0:  # one rank alone reads what two wrote: DCP reshards
         tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
         for i, spec in enumerate(variants):
@@ -131,7 +125,7 @@ def run_compiled(rank: int, world_size: int, port: int, variants: list[dict], ou
                                 "graph_breaks": sum(counters["graph_break"].values())}
         engine.release()
     write_result(Path(out), rank, results)
-    leave_group()
+    finish()  # barrier, then destroy: leaving right after the last collective can abort in gloo's teardown
 
 
 class NormNet(torch.nn.Module):
@@ -168,4 +162,4 @@ def run_batchnorm(rank: int, world_size: int, port: int, variants: list[dict], o
         tdist.all_gather(gathered, logits)
         results[spec["key"]] = {"ranks_agree": all(torch.equal(gathered[0], t) for t in gathered)}
     write_result(Path(out), rank, results)
-    leave_group()
+    finish()  # barrier, then destroy: leaving right after the last collective can abort in gloo's teardown
