@@ -89,5 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The `mona-dist` command: `main(argv)`, then the end of the process through `teardown.exit_process`, so that a
+    rank whose gloo workers outlive the run does not abort in the interpreter's shutdown."""
+    from mona_dist.teardown import exit_process
+
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's usage errors and --help
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

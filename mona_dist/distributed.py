@@ -308,12 +308,16 @@ def get_state() -> DistState:
 
 
 def shutdown() -> None:
-    """Leave the process group (if any), undo init_distributed's exports, forget the state: end of a run or test."""
+    """Leave the process group (if any), undo init_distributed's exports, forget the state: end of a run or test.
+    Also drops the references libraries keep to the destroyed groups (`teardown.release_group_references`)."""
     global _STATE
     import torch.distributed as torch_dist
 
+    from mona_dist.teardown import release_group_references
+
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+        release_group_references()
     for key, value in _PREVIOUS_ENV.items():
         if value is None:
             os.environ.pop(key, None)
@@ -326,17 +330,10 @@ def shutdown() -> None:
 def finish() -> None:
     """The clean end of a run, called by every rank: wait for all of them, then `shutdown()`.
 
-    Why every process that joined a gloo group must leave it before the interpreter shuts down (issue 19, shown with
-    a core dump of an aborting rank): gloo's worker threads (`pt_gloo_runloop`) destroy each finished collective's
-    work object themselves, and with it their references to the collective's tensors, which takes the GIL. A rank
-    that returns from its last collective and exits at once can reach `Py_FinalizeEx` before its worker thread has
-    done so; the worker's `take_gil` then calls `pthread_exit` while the interpreter is finalizing, the forced
-    unwind meets a noexcept frame of `ProcessGroupGloo::runLoop`, and libstdc++ calls std::terminate: SIGABRT,
-    "terminate called without an active exception" and nothing else. It hit `mona-dist bench` (rank 1 exits right
-    after the last all_reduce while rank 0 still writes the report) in about 1 run in 8, and a bare 2-rank gloo
-    script that exits without `destroy_process_group` in about 1 in 20. The barrier makes every rank's last
-    collective complete before any rank goes on, and the group is torn down while the interpreter is alive
-    (torch's documentation asks every job to call `destroy_process_group()` at its end).
+    The barrier makes every rank's last collective complete before any rank goes on, and the groups are torn down
+    while the interpreter is alive (torch's documentation asks every job to call `destroy_process_group()` at its
+    end). Why that alone does not always keep a gloo job from aborting at exit, and what does: `mona_dist.teardown`
+    (issue 19: `mona-dist bench` aborted in about 1 run in 8 before, a 2-rank test worker still in 1 CI run).
     """
     barrier()
     shutdown()

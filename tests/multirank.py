@@ -8,10 +8,29 @@ import torch.multiprocessing as mp
 from ports import free_port
 
 
+def spawn(worker, args: tuple, nprocs: int = 2) -> None:
+    """`mp.spawn(worker, args, nprocs)`, each process ending as `mona-dist` does: it leaves its group
+    (`mona_dist.distributed.finish`) unless the worker did, then ends through `mona_dist.teardown.exit_process`,
+    so that no rank aborts in the interpreter's shutdown while gloo workers live."""
+    mp.spawn(_run_then_exit, args=(worker, *args), nprocs=nprocs, join=True)
+
+
+def _run_then_exit(rank: int, worker, *args) -> None:
+    import torch.distributed as tdist
+
+    from mona_dist.distributed import finish
+    from mona_dist.teardown import exit_process
+
+    worker(rank, *args)  # an exception goes back to mp.spawn as usual: this rank exits 1 with its traceback
+    if tdist.is_initialized():
+        finish()
+    exit_process(0)
+
+
 def spawn_variants(tmp_path_factory, worker, variants: list[dict]) -> dict:
     """Runs `worker(rank, 2, port, variants, out)` on 2 ranks; rank 0's results, keyed by variant."""
     out = tmp_path_factory.mktemp(worker.__name__) / "results.pt"
-    mp.spawn(worker, args=(2, free_port(), variants, str(out)), nprocs=2, join=True)
+    spawn(worker, (2, free_port(), variants, str(out)))
     return torch.load(out, weights_only=True)
 
 

@@ -78,7 +78,6 @@ def run_variants(rank: int, world_size: int, port: int, variants: list[dict], ou
                           getattr(engine.module, "gradient_as_bucket_view", None)],
         }
     write_result(Path(out), rank, results)
-    tdist.destroy_process_group()
 
 
 def run_swin_mona(rank: int, world_size: int, port: int, variants: list[dict], out: str) -> None:
@@ -117,4 +116,3 @@ def run_swin_mona(rank: int, world_size: int, port: int, variants: list[dict], o
             "n_trainable": len(trainable0),
         }
     write_result(Path(out), rank, results)
-    tdist.destroy_process_group()

@@ -95,7 +95,7 @@ def run_methods(rank: int, world_size: int, port: int, variants: list[dict], out
             r["checkpoint_files"] = sorted(p.name for p in (ckpt / "engine").iterdir())
         engine.release()
         results[spec["key"]] = r
-    finish()  # barrier, then destroy: leaving right after the last collective can abort in gloo's teardown
+    finish()  # the two ranks leave their group: rank 0 then reads the checkpoints alone
     if rank == 0:  # one rank alone reads what two wrote: DCP reshards
         tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
         for i, spec in enumerate(variants):
@@ -125,7 +125,6 @@ def run_compiled(rank: int, world_size: int, port: int, variants: list[dict], ou
                                 "graph_breaks": sum(counters["graph_break"].values())}
         engine.release()
     write_result(Path(out), rank, results)
-    finish()  # barrier, then destroy: leaving right after the last collective can abort in gloo's teardown
 
 
 class NormNet(torch.nn.Module):
@@ -162,4 +161,3 @@ def run_batchnorm(rank: int, world_size: int, port: int, variants: list[dict], o
         tdist.all_gather(gathered, logits)
         results[spec["key"]] = {"ranks_agree": all(torch.equal(gathered[0], t) for t in gathered)}
     write_result(Path(out), rank, results)
-    finish()  # barrier, then destroy: leaving right after the last collective can abort in gloo's teardown

@@ -73,4 +73,3 @@ def run(rank: int, world_size: int, port: int, variants: list[dict], root: str, 
         engine.release()
     if rank == 0:
         torch.save(results, root_dir / f"{phase}-{world_size}.pt")
-    tdist.destroy_process_group()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from multirank import spawn
 from ports import free_port
 from reshard_workers import run
 
@@ -25,7 +25,7 @@ IDS = ["ddp", "fairscale1", "fairscale2", "zero0", "zero1", "zero2", "zero3", "z
 def phases(tmp_path_factory, saved_on: int, resumed_on: int) -> tuple[dict, dict]:
     root = tmp_path_factory.mktemp(f"reshard-{saved_on}to{resumed_on}")
     for world, phase in ((saved_on, "save"), (resumed_on, "load")):
-        mp.spawn(run, args=(world, free_port(), VARIANTS, str(root), phase), nprocs=world, join=True)
+        spawn(run, (world, free_port(), VARIANTS, str(root), phase), nprocs=world)
     load = lambda name: torch.load(root / name, weights_only=True)  # noqa: E731
     return load(f"save-{saved_on}.pt"), load(f"load-{resumed_on}.pt")
 

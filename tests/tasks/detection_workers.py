@@ -66,4 +66,3 @@ def run_detectors(rank: int, world_size: int, port: int, variants: dict[str, lis
             engine.release()
     if rank == 0:
         torch.save(results, out)
-    tdist.destroy_process_group()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from mona_dist.config import validate
@@ -13,6 +12,7 @@ from mona_dist.models import build_backbone
 from mona_dist.tasks import TASKS
 from mona_dist.tasks.cls import Classifier, ClsHeadOptions, ClsTask, topk_correct
 
+from multirank import spawn
 from ports import free_port
 
 
@@ -94,7 +94,6 @@ def _eval_worker(rank: int, world: int, port: int, out: str) -> None:
     metrics = ClsTask().evaluate(model, _batches(rank, world), dist=None)
     if rank == 0:
         torch.save(metrics, out)
-    tdist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -107,5 +106,5 @@ def test_distributed_eval_equals_single_process(tmp_path):
     top1, top5 = topk_correct(logits, labels)
     assert single == {"eval/top1": top1 / 10, "eval/top5": top5 / 10, "eval/samples": 10.0}
     out = tmp_path / "m.pt"
-    mp.spawn(_eval_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn(_eval_worker, (2, free_port(), str(out)))
     assert torch.load(out, weights_only=True) == pytest.approx(single)

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from detection_workers import run_detectors
+from multirank import spawn
 from ports import free_port
 
 VARIANTS = {
@@ -23,7 +23,7 @@ KEYS = ["coco-ddp0", "coco-deepspeed2-ac", "voc-deepspeed0", "voc-deepspeed1"]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("detectors") / "results.pt"
-    mp.spawn(run_detectors, args=(2, free_port(), VARIANTS, str(out)), nprocs=2, join=True)
+    spawn(run_detectors, (2, free_port(), VARIANTS, str(out)))
     return torch.load(out, weights_only=True)
 
 
