@@ -41,8 +41,9 @@ def ignore_preemption_signals() -> None:
     """For a process on its way out with EX_TEMPFAIL, its checkpoint saved: further pre-emption signals are ignored.
 
     A late SIGTERM would otherwise turn the exit 75 into death by signal (128 + 15), which the sbatch scripts do not
-    requeue. Such a signal is expected, not rare: `srun --kill-on-bad-exit=1` (slurm/common.sh) terminates the step's
-    other tasks as soon as the first one exits, and 75 is a non-zero exit; a time limit's SIGTERM can follow its USR1.
+    requeue: a Python handler catches it only until the interpreter's exit puts the default action back. Such a
+    signal is expected, not rare: `srun --kill-on-bad-exit=1` (slurm/common.sh) terminates the step's other tasks as
+    soon as the first one exits, and 75 is a non-zero exit; a time limit's SIGTERM can follow its USR1.
     """
     if threading.current_thread() is threading.main_thread():
         for sig in PREEMPT_SIGNALS:

@@ -1,8 +1,8 @@
 """Pre-emption through slurm/common.sh: USR1 reaches the srun'd tasks, exit 75 requeues, the rerun resumes; a
 failing task ends the step (srun --kill-on-bad-exit) and is not requeued.
 
-The task stands in for the trainer's signal contract only (USR1 and TERM only set a flag, and stay caught until
-exit; on the flag save and exit 75; resume when a checkpoint exists); the SLURM side — signal delivery, srun's
+The task stands in for the trainer's signal contract only (USR1 and TERM only set a flag; on the flag save, ignore
+both, exit 75; resume when a checkpoint exists); the SLURM side — signal delivery, srun's
 termination of a step, `scontrol requeue`, SLURM_RESTART_COUNT, the appended log — is real.
 """
 
@@ -49,6 +49,8 @@ TASK = textwrap.dedent("""
         print(f"rank {rank} restart {restart}: got {'+'.join(got)} while saving", flush=True)
     ckpt.write_text(f"run {restart}")
     print(f"rank {rank} restart {restart}: got USR1, checkpoint saved", flush=True)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):  # as mona_dist.cli.main on its way out with 75
+        signal.signal(sig, signal.SIG_IGN)
     sys.exit(75)
 """)
 
