@@ -29,10 +29,13 @@ TASK = textwrap.dedent("""
     for sig in (signal.SIGUSR1, signal.SIGTERM):  # as the trainer's PreemptionFlag, caught until the process ends
         signal.signal(sig, lambda signo, frame: got.append(signal.Signals(signo).name))
     (d / f"ready-rank{rank}").touch()
-    if os.environ.get("FAIL_RANK") == rank:
+    deadline = time.monotonic() + 150  # a guard against a lost signal, not a measurement
+    if os.environ.get("FAIL_RANK") == rank:  # fails mid-run: once every rank has its handlers in place
+        ready = [d / f"ready-rank{r}" for r in range(int(os.environ["SLURM_NTASKS"]))]
+        while not all(p.exists() for p in ready) and time.monotonic() < deadline:
+            time.sleep(0.1)
         print(f"rank {rank}: fails", flush=True)
         sys.exit(3)
-    deadline = time.monotonic() + 150  # a guard against a lost signal, not a measurement
     while not got and time.monotonic() < deadline:
         time.sleep(0.1)
     if not got:
