@@ -30,6 +30,7 @@ from mona_dist.models import count_parameters
 from mona_dist.models.pretrained import loading_policy
 from mona_dist.monitor import Monitor, StepMeter, resolve_grad_norms
 from mona_dist.tasks import TASKS, Task
+from mona_dist.teardown import keep_tracebacks_in
 from mona_dist.train.checkpoint import checkpoint_root, frozen_fingerprint, load_checkpoint, save_checkpoint
 from mona_dist.train.rundir import prepare, trim_metrics
 from mona_dist.train.signals import EX_TEMPFAIL, PreemptionFlag
@@ -150,6 +151,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         written = cfg  # what config.yaml records; the resolved numbers go to the log
         dist, cfg, batch_plan, task = start(cfg)
         run = prepare(cfg.output_dir, resume, dist.rank, dist.world_size)  # the lock, the resume, write access
+        keep_tracebacks_in(cfg.output_dir)  # a failure's traceback goes there (teardown.report_failure)
         try:
             return _train(cfg, written, batch_plan, task, dist, run, preemption)
         finally:
@@ -265,6 +267,11 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
                 meter.begin()  # the next interval's time and peak memory leave out this one's save and eval
         monitor.message(f"done: {step} steps; outputs in {out} (checkpoints: {checkpoint_root(out)})")
         return 0
+    except BaseException as err:  # where it happened, for the one line the command prints (teardown.report_failure)
+        latest = checkpoint_root(out) / "latest"
+        err.add_note(f"at step {step + 1}; last checkpoint: "
+                     f"{latest.resolve() if (latest / 'meta.json').is_file() else 'none'}")
+        raise
     finally:
         with contextlib.suppress(Exception):  # best effort on the way out of an error: keep what was measured
             flush()
