@@ -207,8 +207,10 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
 
     engine.train(True)
     meter.begin()
+    at = step + 1  # the step being run, saved or evaluated: what a failure's message names
     try:
         while step < cfg.train.max_steps:
+            at = step + 1
             engine.set_lr(schedule(step))
             loss_sum = None
             for micro in range(accum):
@@ -269,7 +271,7 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
         return 0
     except BaseException as err:  # where it happened, for the one line the command prints (teardown.report_failure)
         latest = checkpoint_root(out) / "latest"
-        err.add_note(f"at step {step + 1}; last checkpoint: "
+        err.add_note(f"at step {at}; last checkpoint: "
                      f"{latest.resolve() if (latest / 'meta.json').is_file() else 'none'}")
         raise
     finally:
