@@ -172,8 +172,16 @@ def report_failure(command: str, err: BaseException) -> int:
     """A command that failed with `err` mid-run: stop the loader workers, save the traceback, print one line on
     stderr; returns the exit status (130 for an interrupt, 1 otherwise). The caller then leaves the process group
     without a barrier and ends the process (`exit_process`)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this path short: it is seconds
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a second Ctrl-C must not cut
+    try:  # this path short (it takes a second)
+        return _report(command, err)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _report(command: str, err: BaseException) -> int:
     stop_workers()
     rank = _rank()
     where = [n for n in getattr(err, "__notes__", []) if n.startswith("at step")]
