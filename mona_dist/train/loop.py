@@ -23,7 +23,8 @@ import torch.distributed as tdist
 from mona_dist.adapters.io import adapter_metadata
 from mona_dist.config import Config, dump_config
 from mona_dist.config.resolve import resolve_batch, resolve_length
-from mona_dist.distributed import DistState, init_distributed
+from mona_dist.data import is_padding
+from mona_dist.distributed import DistState, all_reduce_max, init_distributed
 from mona_dist.engine import Engine, LRSchedule, build_engine
 from mona_dist.host_sync import host_values, to_host
 from mona_dist.models import count_parameters
@@ -95,12 +96,40 @@ def agree(loss: torch.Tensor, preempt: bool) -> tuple[float, bool, bool]:
     return (loss_sum / world if not nonfinite else math.nan), nonfinite > 0, stop > 0
 
 
+class EmptyValidation(ValueError):
+    """The validation set yielded no sample on any rank: there is no metric (a 0 would be a lie)."""
+
+
+class _Counted:
+    """The loader, counting the samples it yields to be scored (padding batches aside)."""
+
+    def __init__(self, loader: Any, task: Task):
+        self.loader, self.task, self.samples = loader, task, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if not is_padding(batch):
+                self.samples += self.task.batch_size(batch)
+            yield batch
+
+    def __getattr__(self, name: str) -> Any:  # shards, skipped, ... of the loader itself
+        return getattr(self.loader, name)
+
+
 def evaluate(task: Task, engine: Engine, loader: Any, dist: DistState) -> dict[str, float]:
+    """Collective: the task's metrics on `loader`; EmptyValidation when no rank had a sample to score."""
     engine.train(False)
+    counted = _Counted(loader, task)
     try:
-        return task.evaluate(engine, loader, dist)
+        metrics = task.evaluate(engine, counted, dist)
     finally:
         engine.train(True)
+    if all_reduce_max(counted.samples) == 0:
+        skipped = getattr(loader, "skipped", 0)
+        raise EmptyValidation(f"the validation set ({getattr(getattr(loader, 'shards', None), 'spec', 'val')}) "
+                              f"yielded no sample to score" + (f" ({skipped} corrupt samples or unreadable shards "
+                                                               f"skipped)" if skipped else ""))
+    return metrics
 
 
 def start(cfg: Config) -> tuple[DistState, Config, Any, Task]:
@@ -264,7 +293,10 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
             if save_due:
                 save(step)
             if eval_due:
-                monitor.log_eval(step, evaluate(task, engine, val_loader, dist))
+                try:
+                    monitor.log_eval(step, evaluate(task, engine, val_loader, dist))
+                except EmptyValidation as err:  # no metric rather than a 0; the run goes on
+                    monitor.message(f"warning: step {step}: {err}: no eval metric logged", error=True)
             if log or save_due or eval_due:
                 meter.begin()  # the next interval's time and peak memory leave out this one's save and eval
         monitor.message(f"done: {step} steps; outputs in {out} (checkpoints: {checkpoint_root(out)})")
