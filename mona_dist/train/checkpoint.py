@@ -53,6 +53,7 @@ from mona_dist.serialization import safe_torch_load
 from mona_dist.train.buffers import BUFFERS, load_buffers, persistent_buffers
 
 FORMAT = "mona-dist-checkpoint/1"
+MODEL_KEYS = ("backbone", "method", "method_options")  # meta.json's description of the model (loop.model_meta)
 LATEST = "latest"
 
 
@@ -316,12 +317,24 @@ def _trainer_state(path: Path, rank: int) -> dict[str, Any]:
 
 def check_meta(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
     """`path`'s meta.json, once it has every value of `expect` (the frozen-weight fingerprint within float noise);
-    else one ValueError line naming the first that differs."""
+    else one ValueError line naming the first that differs. Of the model's description (MODEL_KEYS), backbone and
+    method must match; method_options may change between runs (recomputation, say): they are named only when the
+    frozen weights differ. Keys an older checkpoint lacks are not compared."""
     meta = read_meta(path)
     for key, want in expect.items():
         have = meta.get(key)
+        if key in MODEL_KEYS:
+            if key != "method_options" and key in meta and have != want:
+                raise ValueError(f"checkpoint {path} was written with model.{key}={have!r}; this run has "
+                                 f"model.{key}={want!r}")
+            continue
         if key == "frozen_fingerprint":
             if have is not None and not np.isclose(have, want, rtol=1e-9, atol=1e-6):
+                changed = [k for k in MODEL_KEYS if k in meta and k in expect and meta[k] != expect[k]]
+                if changed:
+                    k = changed[0]
+                    raise ValueError(f"checkpoint {path} was written with model.{k}={meta[k]!r}; this run has "
+                                     f"model.{k}={expect[k]!r}")
                 raise ValueError(f"checkpoint {path}: the frozen weights built from this config differ from the "
                                  f"run's (model.pretrained or train.seed changed?)")
         elif have != want:

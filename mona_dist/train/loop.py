@@ -10,6 +10,7 @@ or the end, whichever comes first.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import sys
@@ -156,13 +157,20 @@ def build_task_model(cfg: Config, task: Task) -> tuple[torch.nn.Module, list]:
     return model, pretrained_reports
 
 
+def model_meta(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint records of the model, so that a resume with another one names the field that differs
+    (the frozen-weight fingerprint alone could only say that something did)."""
+    return {"backbone": cfg.model.backbone, "method": cfg.model.method,
+            "method_options": json.loads(json.dumps(cfg.model.method_options))}  # as meta.json gives it back
+
+
 def build_model_and_engine(cfg: Config, task: Task, dist: DistState) -> tuple[Engine, dict, list, dict]:
     """(engine, checkpoint meta, pretrained reports, adapter-file metadata). The model is built from `train.seed` on
     every rank, so its frozen weights are the same in train, eval and predict (meta's fingerprint checks it against
     a checkpoint)."""
     model, pretrained_reports = build_task_model(cfg, task)
     meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
-            "frozen_fingerprint": frozen_fingerprint(model)}
+            **model_meta(cfg), "frozen_fingerprint": frozen_fingerprint(model)}
     # from the plain model, before an engine wraps it: the adapter files describe what they were saved from
     adapter_meta = adapter_metadata(model, task=cfg.task, pretrained=cfg.model.pretrained)
     seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
@@ -203,7 +211,7 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
     ckpt = run.checkpoint
     if ckpt is not None:
         resumed = load_checkpoint(ckpt, engine, loader, dist, seed=cfg.train.seed,
-                                  expect={k: meta[k] for k in ("engine", "zero_stage", "task", "frozen_fingerprint")})
+                                  expect=meta)
         step, skipped_steps, loader = resumed.step, resumed.counters.get("skipped_steps", 0), resumed.loader
         notes += resumed.notes
     if dist.is_main:  # the run is valid: only now does the directory record it

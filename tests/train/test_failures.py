@@ -218,3 +218,19 @@ def test_an_empty_validation_set_gives_no_metric_not_a_zero(tmp_path, cls_shards
     assert main(["eval", "--config", str(cfg), "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"mona-dist eval: error: the validation set ({val}) yielded no sample to score"], err
+
+
+def test_resuming_with_another_model_names_the_field_and_both_values(tmp_path, cls_shards, capsys):
+    """It blamed "model.pretrained or train.seed changed?" whatever had changed."""
+    from mona_dist.cli import main
+
+    cfg = tiny_config(tmp_path, cls_shards, train={"max_steps": 1, "ckpt_interval": 1, "eval_at_end": False})
+    assert main(["train", "--config", str(cfg)]) == 0
+    step = tmp_path / "run" / "checkpoints" / "step-000001"
+    capsys.readouterr()
+    for key, was, now in (("backbone", "swin_nano_patch4_window7", "vit_nano_patch16"), ("method", "mona", "lora")):
+        assert main(["train", "--config", str(cfg), "--set", f"model.{key}={now}", "--set", "train.max_steps=2",
+                     "--resume", "auto"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"mona-dist train: error: checkpoint {step} was written with model.{key}={was!r}; this run "
+                       f"has model.{key}={now!r}"], err
