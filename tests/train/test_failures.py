@@ -17,6 +17,7 @@ import pytest
 
 from test_distributed_runs import launch, step_losses, wait_for
 from test_fsdp_runs import torchrun
+from small_disk import mounted_tmpfs
 from test_signals import group_gone
 from train_helpers import REPO, tiny_config
 
@@ -66,14 +67,8 @@ def test_shards_with_more_classes_than_the_model_are_refused_at_start_up(tmp_pat
 @pytest.fixture
 def small_disk(tmp_path):
     """A 10 MiB tmpfs: one checkpoint of the tiny run (6.7 MB) fits, a second does not."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "disk", "10m") as mnt:
+        yield mnt
 
 
 def run_config(tmp_path: Path, shards: Path, train_shards: Path | None = None, **train) -> Path:
