@@ -232,7 +232,10 @@ def test_16_bit_pngs_are_the_8_bit_images_pil_gives_in_training_eval_and_predict
     expected = torch.from_numpy(pil).permute(2, 0, 1)
     wide = torch.from_numpy(ramp.astype(np.int32)).permute(2, 0, 1)  # to_dtype's reference on the raw samples
     assert torch.equal(to_dtype(wide.to(torch.uint16), torch.uint8, scale=True), expected)
-    assert torch.equal(decode_rgb_bytes(data), expected)  # what predict decodes
+    assert torch.equal(decode_rgb_bytes(data), expected)
+    from mona_dist.infer.predict import read_image
+
+    assert torch.equal(read_image(folder / "a.png"), expected)  # predict: a TypeError traceback before
 
     refs, classes = converters.imagefolder(str(tmp_path / "source"))
     write_shards(refs, str(tmp_path / "shards" / "train"), task="cls", classes=classes, per_shard=4, progress=False)
