@@ -319,7 +319,7 @@ def check_meta(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
     """`path`'s meta.json, once it has every value of `expect` (the frozen-weight fingerprint within float noise);
     else one ValueError line naming the first that differs. Of the model's description (MODEL_KEYS), backbone and
     method must match; method_options may change between runs (recomputation, say): they are named only when the
-    frozen weights differ. Keys an older checkpoint lacks are not compared."""
+    frozen weights differ; a checkpoint older than these keys is not held to them."""
     meta = read_meta(path)
     for key, want in expect.items():
         have = meta.get(key)
