@@ -26,7 +26,7 @@ import datetime
 import os
 import random
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -391,3 +391,22 @@ def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
     out = [None] * torch_dist.get_world_size() if torch_dist.get_rank() == dst else None
     torch_dist.gather_object(obj, out, dst=dst)
     return out
+
+
+def rank0_decides(dist: DistState, fn: Callable[..., T], *args: Any) -> T:
+    """Collective: `fn(*args)` run on rank 0 alone, its result (or its one-line ValueError / FileNotFoundError)
+    handed to every rank. For a decision every rank must take alike (which checkpoint, is it valid, is a step
+    already saved) where ranks looking for themselves could see different files and part ways in a collective."""
+    box: list[Any] = [None]
+    if dist.is_main:
+        try:
+            box[0] = ("ok", fn(*args))
+        except (ValueError, FileNotFoundError) as err:
+            box[0] = ("error", type(err).__name__, str(err))
+    if _joined():
+        import torch.distributed as torch_dist
+
+        torch_dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise (FileNotFoundError if box[0][1] == "FileNotFoundError" else ValueError)(box[0][2])
+    return box[0][1]

@@ -1,4 +1,4 @@
-"""The training loop: build everything from the config, then step, log, evaluate and checkpoint.
+"""The training loop: from what `setup.py` builds, step, log, evaluate and checkpoint.
 
 One all-reduce per optimizer step carries [loss, non-finite flag, pre-emption flag], so every rank takes the same
 decision (skip, stop, save-and-exit) at the same step. Reading its result is the one time per step the host waits
@@ -10,47 +10,30 @@ or the end, whichever comes first.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 
-from mona_dist.adapters.io import adapter_metadata
 from mona_dist.config import Config, dump_config
-from mona_dist.config.resolve import resolve_batch, resolve_length
-from mona_dist.data import is_padding
-from mona_dist.distributed import DistState, all_reduce_max, init_distributed
-from mona_dist.engine import Engine, LRSchedule, build_engine
+from mona_dist.config.resolve import resolve_length
+from mona_dist.distributed import DistState
+from mona_dist.engine import LRSchedule
 from mona_dist.host_sync import host_values, to_host
 from mona_dist.models import count_parameters
-from mona_dist.models.pretrained import loading_policy
 from mona_dist.monitor import Monitor, StepMeter, resolve_grad_norms
-from mona_dist.tasks import TASKS, Task
+from mona_dist.tasks import Task
 from mona_dist.teardown import keep_tracebacks_in
-from mona_dist.train.checkpoint import checkpoint_root, frozen_fingerprint, load_checkpoint, save_checkpoint
+from mona_dist.train.checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
+from mona_dist.train.evaluation import EmptyValidation, evaluate
 from mona_dist.train.rundir import prepare, trim_metrics
+from mona_dist.train.setup import build_model_and_engine, start
 from mona_dist.train.signals import EX_TEMPFAIL, PreemptionFlag
 
 EX_NONFINITE = 3  # the run stopped on a NaN/inf loss (after saving a checkpoint)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def join_group(dist: DistState, cfg: Config) -> None:
-    """DeepSpeed and fairscale need a process group even for one rank: a private in-memory one does."""
-    if cfg.engine.name != "ddp" and not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
 
 
 def endless(loader: Any) -> Iterator[Any]:
@@ -95,88 +78,6 @@ def agree(loss: torch.Tensor, preempt: bool) -> tuple[float, bool, bool]:
         t = to_host(t, "agree")
     loss_sum, nonfinite, stop = host_values(t)
     return (loss_sum / world if not nonfinite else math.nan), nonfinite > 0, stop > 0
-
-
-class EmptyValidation(ValueError):
-    """The validation set yielded no sample on any rank: there is no metric (a 0 would be a lie)."""
-
-
-class _Counted:
-    """The loader, counting the samples it yields to be scored (padding batches aside)."""
-
-    def __init__(self, loader: Any, task: Task):
-        self.loader, self.task, self.samples = loader, task, 0
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            if not is_padding(batch):
-                self.samples += self.task.batch_size(batch)
-            yield batch
-
-    def __getattr__(self, name: str) -> Any:  # shards, skipped, ... of the loader itself
-        return getattr(self.loader, name)
-
-
-def evaluate(task: Task, engine: Engine, loader: Any, dist: DistState) -> dict[str, float]:
-    """Collective: the task's metrics on `loader`; EmptyValidation when no rank had a sample to score."""
-    engine.train(False)
-    counted = _Counted(loader, task)
-    try:
-        metrics = task.evaluate(engine, counted, dist)
-    finally:
-        engine.train(True)
-    if all_reduce_max(counted.samples) == 0:
-        skipped = getattr(loader, "skipped", 0)
-        raise EmptyValidation(f"the validation set ({getattr(getattr(loader, 'shards', None), 'spec', 'val')}) "
-                              f"yielded no sample to score" + (f" ({skipped} corrupt samples or unreadable shards "
-                                                               f"skipped)" if skipped else ""))
-    return metrics
-
-
-def start(cfg: Config) -> tuple[DistState, Config, Any, Task]:
-    """Collective. The start-up every command that runs a task model shares (train, eval, predict): ranks, the
-    resolved batch, the task's and DeepSpeed's config checks, the process group."""
-    dist = init_distributed()
-    cfg, batch_plan = resolve_batch(cfg, dist.world_size)  # micro-batch and accumulation from the global batch
-    task = TASKS.get(cfg.task)
-    task.check(cfg)
-    if cfg.engine.name == "deepspeed":  # the merged DeepSpeed JSON is checked before anything is built
-        from mona_dist.engine.deepspeed_engine import deepspeed_config
-
-        deepspeed_config(cfg.engine, cfg.data.batch_size, dist.world_size)
-    join_group(dist, cfg)
-    return dist, cfg, batch_plan, task
-
-
-def build_task_model(cfg: Config, task: Task) -> tuple[torch.nn.Module, list]:
-    """(the task's model, its pretrained-load reports), built from `train.seed`: the same frozen weights and initial
-    tensors on every rank and in every command that rebuilds a run's model (train, eval, predict, export)."""
-    seed_everything(cfg.train.seed)
-    with loading_policy(strict=cfg.model.pretrained_strict) as pretrained_reports:
-        model = task.build_model(cfg)
-    return model, pretrained_reports
-
-
-def model_meta(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint records of the model, so that a resume with another one names the field that differs
-    (the frozen-weight fingerprint alone could only say that something did)."""
-    return {"backbone": cfg.model.backbone, "method": cfg.model.method,
-            "method_options": json.loads(json.dumps(cfg.model.method_options))}  # as meta.json gives it back
-
-
-def build_model_and_engine(cfg: Config, task: Task, dist: DistState) -> tuple[Engine, dict, list, dict]:
-    """(engine, checkpoint meta, pretrained reports, adapter-file metadata). The model is built from `train.seed` on
-    every rank, so its frozen weights are the same in train, eval and predict (meta's fingerprint checks it against
-    a checkpoint)."""
-    model, pretrained_reports = build_task_model(cfg, task)
-    meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
-            **model_meta(cfg), "frozen_fingerprint": frozen_fingerprint(model)}
-    # from the plain model, before an engine wraps it: the adapter files describe what they were saved from
-    adapter_meta = adapter_metadata(model, task=cfg.task, pretrained=cfg.model.pretrained)
-    seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
-    engine = build_engine(model, cfg.engine, cfg.optim, micro_batch_size=cfg.data.batch_size,
-                          world_size=dist.world_size, fixed_shape=task.fixed_shape)
-    return engine, meta, pretrained_reports, adapter_meta
 
 
 def train(cfg: Config, resume: str | None = None) -> int:

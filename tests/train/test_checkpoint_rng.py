@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mona_dist.train import checkpoint
+from mona_dist.train import rng
 
 
 def test_only_the_current_gpus_generator_is_saved_and_restored(monkeypatch):
@@ -17,22 +17,22 @@ def test_only_the_current_gpus_generator_is_saved_and_restored(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every visible GPU's state"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored every GPU's state"))
-    state = checkpoint.rng_state()
+    state = rng.rng_state()
     assert "cuda" not in state and torch.equal(state["cuda_device"], saved_state)
-    checkpoint.set_rng_state(state)
+    rng.set_rng_state(state)
     assert len(restored) == 1 and torch.equal(restored[0], saved_state)
 
 
 def test_a_cpu_resume_of_a_gpu_checkpoint_ignores_the_gpu_state():
-    state = checkpoint.rng_state() | {"cuda_device": torch.zeros(16, dtype=torch.uint8)}
+    state = rng.rng_state() | {"cuda_device": torch.zeros(16, dtype=torch.uint8)}
     before = torch.get_rng_state()
-    checkpoint.set_rng_state(state)  # no CUDA here: nothing to restore it into, and no error
+    rng.set_rng_state(state)  # no CUDA here: nothing to restore it into, and no error
     assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.gpu
 def test_gpu_generator_round_trip():
-    state = checkpoint.rng_state()
+    state = rng.rng_state()
     a = torch.rand(4, device="cuda")
-    checkpoint.set_rng_state(state)
+    rng.set_rng_state(state)
     assert torch.equal(torch.rand(4, device="cuda"), a)
