@@ -82,7 +82,8 @@ def test_runnable_block_runs_as_written(tmp_path, index):
         (work / name).symlink_to(REPO / name)
     proc = subprocess.run(["bash", "-c", "set -euo pipefail\n" + body], cwd=work, env=readme_env(tmp_path),
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"README block {index} failed:\n{body}\n--- output\n{(proc.stdout + proc.stderr)[-4000:]}"
+    output = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, f"README block {index} failed:\n{body}\n--- output\n{output}"
     if "runs/mine" in body:  # what the README says the first-path block leaves behind
         assert (work / "runs/mine/checkpoints/latest/adapter.safetensors").is_file()
         assert (work / "runs/mine/config.yaml").is_file() and (work / "runs/mine/metrics.jsonl").is_file()

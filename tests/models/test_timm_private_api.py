@@ -5,8 +5,8 @@
   highway's `swin_block_taps` calls it on a frozen block. Ours also calls `get_attn_mask(x)`, `self.attn(x,
   mask=...)`, `window_partition(x, window_size)`, `window_reverse(windows, window_size, H, W)` and reads
   `window_size`, `shift_size`, `window_area`.
-- `VisionTransformer._pos_embed(self, x)`: `Backbone._trunk_features` (mona_dist/models/backbone.py) and the E3VA
-  highway (mona_dist/adapters/highway.py) call it between the patch embedding and the first block, with
+- `VisionTransformer._pos_embed(self, x)`: the backbone's ViT pass (mona_dist/models/) and the E3VA highway
+  (mona_dist/adapters/highway.py) call it between the patch embedding and the first block, with
   `patch_drop`, `norm_pre` and `num_prefix_tokens`.
 
 Measured on timm 1.0.31. A timm release that renames, removes or re-signs any of them fails here with a message
@@ -28,7 +28,8 @@ from mona_dist.adapters.blocks import PetlSwinBlock
 from mona_dist.models import build_backbone
 
 OURS_SWIN = "mona_dist/adapters/blocks.py (PetlSwinBlock._attn, swin_block_taps)"
-OURS_VIT = "mona_dist/models/backbone.py (Backbone._trunk_features) and mona_dist/adapters/highway.py"
+OURS_VIT = ("the backbone's ViT pass in mona_dist/models/ and mona_dist/adapters/highway.py "
+            "(grep -rn _pos_embed mona_dist)")
 
 
 def require(owner, name: str, params: list[str], ours: str):
