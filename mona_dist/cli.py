@@ -74,10 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args) or 0)
     except (ValueError, KeyError, FileNotFoundError) as err:
         # Bad input: one line that names what was wrong, no traceback.
+        from mona_dist.teardown import stop_workers
+
+        stop_workers()  # a loader's workers would keep the exit waiting forever (teardown.report_failure)
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mona-dist {args.command}: error: {msg}", file=sys.stderr)
         distributed.leave(wait_for_peers=False)  # the other ranks may never get here: no barrier
         return 2
+    except (Exception, KeyboardInterrupt) as err:
+        # Anything else mid-run (a bad label, a full disk, Ctrl-C, a library's error): the workers stopped, one line,
+        # the traceback in a file; the other ranks' collectives fail when this process is gone, so they end too.
+        from mona_dist.teardown import report_failure
+
+        code = report_failure(f"mona-dist {args.command}", err)
+        distributed.leave(wait_for_peers=False)
+        return code
     if code:  # (train has imported mona_dist.train by now: no start-up cost for the other commands)
         from mona_dist.train.signals import EX_TEMPFAIL, ignore_preemption_signals
 

@@ -18,6 +18,12 @@ destroy and `gc.collect()`):
 DDP alone lets it go. So there are two layers: `release_group_references()` drops the references we know of (FSDP
 and DDP groups then end with the destroy), and `exit_process()` ends a process whose gloo workers are still alive
 without finalizing the interpreter, after doing by hand what finalization would have done for us.
+
+A command that fails mid-run ends here too (`report_failure`, issue 24): multiprocessing's atexit handler sends
+SIGTERM to the daemon children and then joins them, and DataLoader workers ignore SIGTERM by design (a group signal
+must reach the trainer first: data/loader.py), while the traceback keeps the loader's iterator, and so its own
+shutdown, alive: every exception with workers alive hung the process forever. `stop_workers` ends them with SIGKILL
+before the interpreter's exit joins them; the user gets one line and the traceback goes to a file.
 """
 
 from __future__ import annotations
@@ -25,12 +31,21 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 import threading
+import time
+import traceback
+from pathlib import Path
 from typing import NoReturn
 
 GLOO_WORKER = "pt_gloo_runloop"  # the thread name ProcessGroupGloo gives its workers (Linux shows 15 characters)
+TRACEBACK_ENV = "MONA_DIST_TRACEBACK"  # =1: a failing command prints its traceback on stderr too
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo, when another rank's process ended
+EX_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+_traceback_dir: Path | None = None
 
 
 def gloo_workers() -> int:
@@ -91,3 +106,100 @@ def exit_process(code: int) -> NoReturn:
         except (OSError, ValueError, AttributeError):  # closed or replaced streams
             pass
     os._exit(code)
+
+
+def stop_workers() -> int:
+    """SIGKILL this process's multiprocessing children (DataLoader workers, writer pools) and reap them; how many.
+
+    Their SIGTERM is ignored (data/loader.py), so multiprocessing's atexit `terminate()` + `join()` would wait
+    forever. torch's SIGCHLD handler is put back to the default first: it would raise "DataLoader worker killed by
+    signal" in the middle of this path."""
+    children = [p for p in multiprocessing.active_children() if p.pid is not None]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        try:
+            p.kill()
+        except (OSError, ValueError):  # ended meanwhile, or already closed
+            pass
+    for p in children:
+        p.join(timeout=10)
+    return len(children)
+
+
+def keep_tracebacks_in(directory: str | Path | None) -> None:
+    """Where `report_failure` writes the traceback of a failing command (a run's output_dir); None: a temp file."""
+    global _traceback_dir
+    _traceback_dir = Path(directory) if directory is not None else None
+
+
+def _rank() -> int:
+    from mona_dist.distributed import get_state
+
+    try:
+        return get_state().rank
+    except ValueError:  # rank variables that never made sense: start-up reported them
+        return 0
+
+
+def _save_traceback(command: str, err: BaseException, rank: int) -> str:
+    """The traceback into `<dir>/traceback-rank<N>.txt` (appended) or a temp file; the path, or why it could not."""
+    text = "".join(traceback.format_exception(err))
+    header = f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {command} (rank {rank}, pid {os.getpid()})\n"
+    places = [_traceback_dir / f"traceback-rank{rank}.txt"] if _traceback_dir is not None else []
+    import tempfile
+
+    places.append(Path(tempfile.gettempdir()) / f"mona-dist-{os.getpid()}.traceback.txt")
+    problem = "no place"
+    for path in places:  # a full output_dir (the failure itself, maybe) falls back to the temp directory
+        try:
+            with open(path, "a") as f:
+                f.write(header + text)
+            return str(path)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    return f"not saved ({problem})"
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: message` on one line (the message's first line; a bare type when it has none)."""
+    text = str(err).strip().splitlines()
+    name = type(err).__name__
+    return f"{name}: {text[0]}" if text else name
+
+
+def report_failure(command: str, err: BaseException) -> int:
+    """A command that failed with `err` mid-run: stop the loader workers, save the traceback, print one line on
+    stderr; returns the exit status (130 for an interrupt, 1 otherwise). The caller then leaves the process group
+    without a barrier and ends the process (`exit_process`)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a second Ctrl-C must not cut
+    try:  # this path short (it takes a second)
+        return _report(command, err)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _report(command: str, err: BaseException) -> int:
+    stop_workers()
+    rank = _rank()
+    where = [n for n in getattr(err, "__notes__", []) if n.startswith("at step")]
+    prefix = f"{command}: " + (f"rank {rank}: " if rank else "")
+    if os.environ.get(TRACEBACK_ENV) == "1":
+        traceback.print_exception(err, file=sys.stderr)
+    if isinstance(err, KeyboardInterrupt):
+        print(f"{prefix}interrupted {where[0] if where else 'during start-up'}", file=sys.stderr, flush=True)
+        return EX_INTERRUPTED
+    from mona_dist.disk import DiskFull
+
+    if isinstance(err, DiskFull):  # its own words say it all: "no space left on device: <path> (<N> MiB free)"
+        print(f"{prefix}error: {err}" + (f" ({where[0]})" if where else ""), file=sys.stderr, flush=True)
+        return 1
+    saved = _save_traceback(command, err, rank)
+    hint = "" if os.environ.get(TRACEBACK_ENV) == "1" else f"; {TRACEBACK_ENV}=1 prints it"
+    gone = next((s for s in PEER_GONE if s in str(err)), None)  # a collective's peer died: its own line says why
+    what = f"another rank ended, so this one stops too (gloo: {gone})" if gone else one_line(err)
+    print(f"{prefix}error: {what} ({where[0] + '; ' if where else ''}traceback: {saved}{hint})",
+          file=sys.stderr, flush=True)
+    return 1

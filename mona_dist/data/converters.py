@@ -64,13 +64,33 @@ def imagefolder(root: str, classes: Optional[list[str]] = None) -> tuple[list[Sa
     return refs, classes
 
 
+def _outside(box_xyxy: list[float], width: float, height: float) -> bool:
+    """A box of positive size that has none left once clamped to its image (as the pipelines clamp it)."""
+    x0, y0, x1, y1 = box_xyxy
+    if x1 <= x0 or y1 <= y0 or not (width and height):
+        return False  # degenerate in the source: the pipelines drop it (COCO: w or h < 1), as mmdet does
+    return min(x1, width) <= max(x0, 0) or min(y1, height) <= max(y0, 0)
+
+
 def coco(images: str, annotations: str) -> tuple[list[SampleRef], list[dict[str, Any]]]:
-    """One sample per image record, with all of that image's raw annotation records; classes = sorted categories."""
+    """One sample per image record, with all of that image's raw annotation records; classes = sorted categories.
+    Refused in one line: a category id not in `categories`, a box wholly outside its image."""
     _need_dir(images, "COCO images")
     with open(annotations) as f:
         data = json.load(f)
+    known = {c["id"] for c in data["categories"]}
+    sizes = {img["id"]: (img.get("width", 0), img.get("height", 0)) for img in data["images"]}
     by_image: dict[int, list] = {}
     for ann in data.get("annotations", []):
+        if ann["category_id"] not in known:
+            raise ValueError(f"{annotations}: annotation {ann.get('id')} (image {ann['image_id']}) has category_id "
+                             f"{ann['category_id']}, which is not in its categories ({len(known)} ids, "
+                             f"{min(known, default=None)}..{max(known, default=None)})")
+        x, y, w, h = ann["bbox"]
+        if _outside([x, y, x + w, y + h], *sizes.get(ann["image_id"], (0, 0))):
+            raise ValueError(f"{annotations}: annotation {ann.get('id')} (image {ann['image_id']}, "
+                             f"{'x'.join(map(str, sizes[ann['image_id']]))}) has bbox {ann['bbox']} outside the "
+                             f"image: clamped to it, its area is zero")
         by_image.setdefault(ann["image_id"], []).append(ann)
     refs = []
     for img in sorted(data["images"], key=lambda r: r["id"]):
@@ -95,15 +115,32 @@ def ade20k(
             if os.path.isfile(cand):
                 classes_file = cand
                 break
+    classes = read_class_file(classes_file) if classes_file else None
     refs = []
     for fname in sorted(f for f in os.listdir(images) if f.lower().endswith(IMAGE_EXTS)):
         stem = os.path.splitext(fname)[0]
         label = os.path.join(annotations, stem + ".png")
         if not os.path.isfile(label):
             raise FileNotFoundError(f"ADE20K: no label map {label} for image {fname}")
+        if classes:
+            _check_label_values(label, len(classes))
         payload = {"json": {"file": fname, "image_id": len(refs)}}
         refs.append(SampleRef(f"{len(refs):08d}", {"jpg": os.path.join(images, fname), "png": label}, payload))
-    return refs, read_class_file(classes_file) if classes_file else None
+    return refs, classes
+
+
+def _check_label_values(path: str, num_classes: int, ignore: int = 255) -> None:
+    """ADE20K's raw maps: 0 is "other", 1..num_classes the classes, `ignore` (255) ignored; anything else would
+    reach the loss as a class the model does not have."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        values = np.unique(np.asarray(im))
+    bad = values[(values > num_classes) & (values != ignore)]
+    if bad.size:
+        raise ValueError(f"ADE20K: label map {path} holds value {int(bad.max())}, above the {num_classes} classes "
+                         f"of the class list (0 = other, {ignore} = ignore)")
 
 
 def parse_voc_xml(path: str) -> dict[str, Any]:
@@ -148,6 +185,12 @@ def voc(roots: list[str], image_set: str, classes: Optional[list[str]] = None) -
             bad = sorted({o["name"] for o in ann["objects"]} - set(classes))
             if bad:
                 raise ValueError(f"VOC {image_id}: object classes not in the class list: {', '.join(bad)}")
+            for o in ann["objects"]:  # 1-based pixel boxes, as the pipeline reads them
+                x0, y0, x1, y1 = o["bbox"]
+                if _outside([x0 - 1, y0 - 1, x1, y1], ann["size"]["width"], ann["size"]["height"]):
+                    raise ValueError(f"VOC {image_id}: {o['name']} box {o['bbox']} lies outside the "
+                                     f"{ann['size']['width']}x{ann['size']['height']} image: clamped to it, its "
+                                     f"area is zero")
             path = os.path.join(root, "JPEGImages", ann["filename"] or image_id + ".jpg")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"VOC image not found: {path}")

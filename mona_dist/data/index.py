@@ -71,9 +71,18 @@ def read_index(path: str) -> dict[str, Any]:
 def write_index(path: str, data: dict[str, Any]) -> None:
     """Atomic: a crash mid-write leaves the previous index, never half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"format": INDEX_FORMAT, **data}, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"format": INDEX_FORMAT, **data}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as err:
+        from mona_dist.disk import DiskFull, is_disk_full, remove
+
+        problem = DiskFull(path) if is_disk_full(err, os.path.dirname(os.path.abspath(path))) else None
+        remove(tmp)
+        if problem is not None:
+            raise problem from None
+        raise
 
 
 def missing_message(spec: str, what: str) -> str:

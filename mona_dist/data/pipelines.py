@@ -43,8 +43,15 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
 def decode_rgb_bytes(data: bytes) -> torch.Tensor:
     """Encoded image bytes (any IMAGE_KEYS format, told by its content) as uint8 (3, H, W); libjpeg-turbo/libpng
-    through torchvision."""
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    through torchvision. Training, eval and predict all decode here.
+
+    16-bit PNGs decode as uint16 (copied into a uint8 batch they wrapped modulo 256): they are scaled to 8 bits
+    by keeping the high byte, as torchvision's `to_dtype(..., scale=True)` and PIL (16-bit RGB) do. The result keeps
+    decode_image's layout, a (3, H, W) view of (H, W, 3) memory (data/kernels.py relies on it)."""
+    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if image.dtype == torch.uint16:
+        image = (image.permute(1, 2, 0).to(torch.int32) >> 8).to(torch.uint8).permute(2, 0, 1)
+    return image
 
 
 def decode_rgb(sample: dict[str, Any], exclude: str = "") -> torch.Tensor:

@@ -16,6 +16,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from mona_dist.disk import DiskFull, is_disk_full, remove
+
 from .index import index_path, read_index, shard_name, write_index
 
 log = logging.getLogger(__name__)
@@ -71,16 +73,23 @@ def _write_one(path: str, refs: list[SampleRef]) -> tuple[str, int, int]:
     import webdataset as wds
 
     tmp = f"{path}.tmp{os.getpid()}"
-    with wds.TarWriter(tmp, mtime=0.0) as sink:  # fixed mtime: same source -> same bytes
-        for ref in refs:
-            sample: dict[str, Any] = {"__key__": ref.key}
-            for ext, src in ref.files.items():
-                with open(src, "rb") as f:
-                    sample[ext] = f.read()
-            for ext, value in ref.payload.items():
-                sample[ext] = value if isinstance(value, str) else json.dumps(value)
-            sink.write(sample)
-    os.replace(tmp, path)
+    try:
+        with wds.TarWriter(tmp, mtime=0.0) as sink:  # fixed mtime: same source -> same bytes
+            for ref in refs:
+                sample: dict[str, Any] = {"__key__": ref.key}
+                for ext, src in ref.files.items():
+                    with open(src, "rb") as f:
+                        sample[ext] = f.read()
+                for ext, value in ref.payload.items():
+                    sample[ext] = value if isinstance(value, str) else json.dumps(value)
+                sink.write(sample)
+        os.replace(tmp, path)
+    except BaseException as err:
+        problem = DiskFull(path) if is_disk_full(err, os.path.dirname(path)) else None  # before the space returns
+        remove(tmp)  # never a half-written shard (nor a full disk) left behind
+        if problem is not None:
+            raise problem from None
+        raise
     return os.path.basename(path), len(refs), os.path.getsize(path)
 
 

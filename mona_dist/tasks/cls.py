@@ -19,6 +19,7 @@ from mona_dist.config.loader import ConfigError
 from mona_dist.data.preprocess import DataPreprocessor
 from mona_dist.models import Backbone, build_backbone
 from mona_dist.tasks.base import Task, register_task, scored_batches
+from mona_dist.tasks.heads import class_count
 
 
 class ClsHeadOptions(BaseModel):
@@ -70,6 +71,7 @@ class ClsTask(Task):
         super().check(cfg)
         if cfg.model.num_classes is None:
             raise ConfigError("model.num_classes", "required for the cls task")
+        class_count(cfg)  # more classes in the shards than the head has: refused now, not mid-run
 
     def build_model(self, cfg) -> Classifier:
         m = cfg.model

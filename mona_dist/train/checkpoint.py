@@ -44,6 +44,7 @@ import torch
 import torch.distributed as tdist
 
 from mona_dist.adapters import save_adapter
+from mona_dist.disk import DiskFull, is_disk_full, remove
 from mona_dist.distributed import DistState, barrier
 from mona_dist.engine import Engine
 from mona_dist.data.plan import mix_seed
@@ -52,6 +53,7 @@ from mona_dist.serialization import safe_torch_load
 from mona_dist.train.buffers import BUFFERS, load_buffers, persistent_buffers
 
 FORMAT = "mona-dist-checkpoint/1"
+MODEL_KEYS = ("backbone", "method", "method_options")  # meta.json's description of the model (loop.model_meta)
 LATEST = "latest"
 
 
@@ -110,21 +112,32 @@ def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: A
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
-    engine.save(partial)
-    torch.save({"step": step, "rng": rng_state(), "loader": loader.state_dict(), "counters": counters or {}},
-               partial / f"rank-{dist.rank:05d}.pt")
-    weights = engine.trainable_weights()  # collective; fp32 masters under DeepSpeed bf16/fp16
+    try:
+        engine.save(partial)
+        torch.save({"step": step, "rng": rng_state(), "loader": loader.state_dict(), "counters": counters or {}},
+                   partial / f"rank-{dist.rank:05d}.pt")
+        weights = engine.trainable_weights()  # collective; fp32 masters under DeepSpeed bf16/fp16
+        if dist.is_main:
+            save_adapter(weights, partial / "adapter.safetensors", **(adapter_meta or {}), step=str(step))
+            torch.save({k: v.detach().to("cpu", copy=True) for k, v in persistent_buffers(engine.model).items()},
+                       partial / BUFFERS)
+        barrier()
+        if dist.is_main:
+            (partial / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step,
+                                                           "world_size": dist.world_size, **meta}, indent=1))
+            _fsync_dir(partial)
+            os.replace(partial, final)
+            _point_latest(root, final.name)
+    except Exception as err:
+        # A failed save leaves no partial files behind (on a full disk they would keep it full); `latest` still
+        # names the last complete checkpoint. Every rank that gets here removes them (peers fail in the barrier).
+        full = is_disk_full(err, root)
+        problem = DiskFull(final) if full else None  # the free space as the write found it
+        remove(partial)
+        if problem is not None:
+            raise problem from err
+        raise
     if dist.is_main:
-        save_adapter(weights, partial / "adapter.safetensors", **(adapter_meta or {}), step=str(step))
-        torch.save({k: v.detach().to("cpu", copy=True) for k, v in persistent_buffers(engine.model).items()},
-                   partial / BUFFERS)
-    barrier()
-    if dist.is_main:
-        (partial / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, "world_size": dist.world_size,
-                                                       **meta}, indent=1))
-        _fsync_dir(partial)
-        os.replace(partial, final)
-        _point_latest(root, final.name)
         _prune(root, keep_last)
     barrier()
     return final
@@ -155,9 +168,11 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def set_aside_newer(root: Path, step: int) -> Path | None:
     """Resuming from an older checkpoint of this run: the newer ones belong to the abandoned continuation. They go
-    to `root/abandoned-<time>/` (kept, never deleted), so the resumed run's saves and pruning never meet them."""
+    to `root/abandoned-<time>/` (kept, never deleted), so the resumed run's saves and pruning never meet them.
+    A save cut short (`.step-N.partial`) holds nothing to keep: it is removed (it may be what filled the disk)."""
+    for partial in root.glob(".step-*.partial"):
+        remove(partial)
     newer = [p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and int(p.name[5:]) > step]
-    newer += list(root.glob(".step-*.partial"))
     if not newer:
         return None
     aside = root / time.strftime("abandoned-%Y%m%d-%H%M%S")
@@ -302,12 +317,24 @@ def _trainer_state(path: Path, rank: int) -> dict[str, Any]:
 
 def check_meta(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
     """`path`'s meta.json, once it has every value of `expect` (the frozen-weight fingerprint within float noise);
-    else one ValueError line naming the first that differs."""
+    else one ValueError line naming the first that differs. Of the model's description (MODEL_KEYS), backbone and
+    method must match; method_options may change between runs (recomputation, say): they are named only when the
+    frozen weights differ; a checkpoint older than these keys is not held to them."""
     meta = read_meta(path)
     for key, want in expect.items():
         have = meta.get(key)
+        if key in MODEL_KEYS:
+            if key != "method_options" and key in meta and have != want:
+                raise ValueError(f"checkpoint {path} was written with model.{key}={have!r}; this run has "
+                                 f"model.{key}={want!r}")
+            continue
         if key == "frozen_fingerprint":
             if have is not None and not np.isclose(have, want, rtol=1e-9, atol=1e-6):
+                changed = [k for k in MODEL_KEYS if k in meta and k in expect and meta[k] != expect[k]]
+                if changed:
+                    k = changed[0]
+                    raise ValueError(f"checkpoint {path} was written with model.{k}={meta[k]!r}; this run has "
+                                     f"model.{k}={expect[k]!r}")
                 raise ValueError(f"checkpoint {path}: the frozen weights built from this config differ from the "
                                  f"run's (model.pretrained or train.seed changed?)")
         elif have != want:

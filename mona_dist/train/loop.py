@@ -10,6 +10,7 @@ or the end, whichever comes first.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import sys
@@ -23,13 +24,15 @@ import torch.distributed as tdist
 from mona_dist.adapters.io import adapter_metadata
 from mona_dist.config import Config, dump_config
 from mona_dist.config.resolve import resolve_batch, resolve_length
-from mona_dist.distributed import DistState, init_distributed
+from mona_dist.data import is_padding
+from mona_dist.distributed import DistState, all_reduce_max, init_distributed
 from mona_dist.engine import Engine, LRSchedule, build_engine
 from mona_dist.host_sync import host_values, to_host
 from mona_dist.models import count_parameters
 from mona_dist.models.pretrained import loading_policy
 from mona_dist.monitor import Monitor, StepMeter, resolve_grad_norms
 from mona_dist.tasks import TASKS, Task
+from mona_dist.teardown import keep_tracebacks_in
 from mona_dist.train.checkpoint import checkpoint_root, frozen_fingerprint, load_checkpoint, save_checkpoint
 from mona_dist.train.rundir import prepare, trim_metrics
 from mona_dist.train.signals import EX_TEMPFAIL, PreemptionFlag
@@ -94,12 +97,40 @@ def agree(loss: torch.Tensor, preempt: bool) -> tuple[float, bool, bool]:
     return (loss_sum / world if not nonfinite else math.nan), nonfinite > 0, stop > 0
 
 
+class EmptyValidation(ValueError):
+    """The validation set yielded no sample on any rank: there is no metric (a 0 would be a lie)."""
+
+
+class _Counted:
+    """The loader, counting the samples it yields to be scored (padding batches aside)."""
+
+    def __init__(self, loader: Any, task: Task):
+        self.loader, self.task, self.samples = loader, task, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if not is_padding(batch):
+                self.samples += self.task.batch_size(batch)
+            yield batch
+
+    def __getattr__(self, name: str) -> Any:  # shards, skipped, ... of the loader itself
+        return getattr(self.loader, name)
+
+
 def evaluate(task: Task, engine: Engine, loader: Any, dist: DistState) -> dict[str, float]:
+    """Collective: the task's metrics on `loader`; EmptyValidation when no rank had a sample to score."""
     engine.train(False)
+    counted = _Counted(loader, task)
     try:
-        return task.evaluate(engine, loader, dist)
+        metrics = task.evaluate(engine, counted, dist)
     finally:
         engine.train(True)
+    if all_reduce_max(counted.samples) == 0:
+        skipped = getattr(loader, "skipped", 0)
+        raise EmptyValidation(f"the validation set ({getattr(getattr(loader, 'shards', None), 'spec', 'val')}) "
+                              f"yielded no sample to score" + (f" ({skipped} corrupt samples or unreadable shards "
+                                                               f"skipped)" if skipped else ""))
+    return metrics
 
 
 def start(cfg: Config) -> tuple[DistState, Config, Any, Task]:
@@ -126,13 +157,20 @@ def build_task_model(cfg: Config, task: Task) -> tuple[torch.nn.Module, list]:
     return model, pretrained_reports
 
 
+def model_meta(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint records of the model, so that a resume with another one names the field that differs
+    (the frozen-weight fingerprint alone could only say that something did)."""
+    return {"backbone": cfg.model.backbone, "method": cfg.model.method,
+            "method_options": json.loads(json.dumps(cfg.model.method_options))}  # as meta.json gives it back
+
+
 def build_model_and_engine(cfg: Config, task: Task, dist: DistState) -> tuple[Engine, dict, list, dict]:
     """(engine, checkpoint meta, pretrained reports, adapter-file metadata). The model is built from `train.seed` on
     every rank, so its frozen weights are the same in train, eval and predict (meta's fingerprint checks it against
     a checkpoint)."""
     model, pretrained_reports = build_task_model(cfg, task)
     meta = {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage, "task": cfg.task,
-            "frozen_fingerprint": frozen_fingerprint(model)}
+            **model_meta(cfg), "frozen_fingerprint": frozen_fingerprint(model)}
     # from the plain model, before an engine wraps it: the adapter files describe what they were saved from
     adapter_meta = adapter_metadata(model, task=cfg.task, pretrained=cfg.model.pretrained)
     seed_everything(cfg.train.seed + dist.rank)  # dropout / drop-path differ per rank
@@ -150,6 +188,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
         written = cfg  # what config.yaml records; the resolved numbers go to the log
         dist, cfg, batch_plan, task = start(cfg)
         run = prepare(cfg.output_dir, resume, dist.rank, dist.world_size)  # the lock, the resume, write access
+        keep_tracebacks_in(cfg.output_dir)  # a failure's traceback goes there (teardown.report_failure)
         try:
             return _train(cfg, written, batch_plan, task, dist, run, preemption)
         finally:
@@ -172,7 +211,7 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
     ckpt = run.checkpoint
     if ckpt is not None:
         resumed = load_checkpoint(ckpt, engine, loader, dist, seed=cfg.train.seed,
-                                  expect={k: meta[k] for k in ("engine", "zero_stage", "task", "frozen_fingerprint")})
+                                  expect=meta)
         step, skipped_steps, loader = resumed.step, resumed.counters.get("skipped_steps", 0), resumed.loader
         notes += resumed.notes
     if dist.is_main:  # the run is valid: only now does the directory record it
@@ -205,8 +244,10 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
 
     engine.train(True)
     meter.begin()
+    at = step + 1  # the step being run, saved or evaluated: what a failure's message names
     try:
         while step < cfg.train.max_steps:
+            at = step + 1
             engine.set_lr(schedule(step))
             loss_sum = None
             for micro in range(accum):
@@ -260,11 +301,19 @@ def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: Dist
             if save_due:
                 save(step)
             if eval_due:
-                monitor.log_eval(step, evaluate(task, engine, val_loader, dist))
+                try:
+                    monitor.log_eval(step, evaluate(task, engine, val_loader, dist))
+                except EmptyValidation as err:  # no metric rather than a 0; the run goes on
+                    monitor.message(f"warning: step {step}: {err}: no eval metric logged", error=True)
             if log or save_due or eval_due:
                 meter.begin()  # the next interval's time and peak memory leave out this one's save and eval
         monitor.message(f"done: {step} steps; outputs in {out} (checkpoints: {checkpoint_root(out)})")
         return 0
+    except BaseException as err:  # where it happened, for the one line the command prints (teardown.report_failure)
+        latest = checkpoint_root(out) / "latest"
+        err.add_note(f"at step {at}; last checkpoint: "
+                     f"{latest.resolve() if (latest / 'meta.json').is_file() else 'none'}")
+        raise
     finally:
         with contextlib.suppress(Exception):  # best effort on the way out of an error: keep what was measured
             flush()

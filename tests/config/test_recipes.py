@@ -47,6 +47,9 @@ def test_docs_recipe_table_is_the_generated_one(capsys):
     assert main(["recipes"]) == 0
     assert capsys.readouterr().out == table()
     assert main(["recipes", "--check"]) == 0
+    # and says so: it printed nothing when all matched (issue 24)
+    assert re.fullmatch(r"recipes: all \d{3,} official values match the \d+ shipped configs\n",
+                        capsys.readouterr().out)
 
 
 def test_issue_12_differences_are_fixed():

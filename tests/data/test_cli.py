@@ -77,3 +77,18 @@ def test_bench_data_times_the_device_half(synth, capsys, task, source):
     # 2 batches of 2 images are far too few to give a rate: said on stderr, the rates are still printed
     assert re.search(r"^mona-dist bench-data: warning: only [0-9]+ images in [0-9.]+ s were timed per side .*raise "
                      r"--batches", captured.err, re.M), captured.err
+
+
+def test_shards_onto_a_full_disk_is_one_line_and_leaves_no_partial_shard(synth, tmp_path, capsys):
+    from small_disk import mounted_tmpfs
+
+    src = os.path.join(synth("cls"), "source", "train")
+    with mounted_tmpfs(tmp_path / "disk", "96k") as disk:  # the 24 images take about 250 kB
+        for workers in ("1", "2"):  # in this process, and in a pool of writers
+            prefix = disk / f"w{workers}" / "train"
+            assert main(["shards", "imagefolder", "--root", src, "--out", str(prefix), "--per-shard", "4",
+                         "--workers", workers, "--no-progress"]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and re.fullmatch(
+                rf"mona-dist shards: error: no space left on device: {prefix}-00000\d\.tar \(0 MiB free\)", err[0]), err
+            assert not [p for p in disk.rglob("*") if ".tmp" in p.name]  # no half-written shard or index

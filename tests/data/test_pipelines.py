@@ -208,3 +208,42 @@ def test_resize_then_crop_is_fused_and_matches_the_two_steps():
         assert (a["mask"] == b["mask"]).float().mean() > 0.9  # the window may sit one source pixel off
         assert (a["image"][1:].float() - b["image"][1:].float()).abs().mean() < 6
         assert (torch.round(a["image"][0].float() / 60) == a["mask"]).float().mean() > 0.9  # still aligned
+
+
+def test_16_bit_pngs_are_the_8_bit_images_pil_gives_in_training_eval_and_predict(tmp_path):
+    """decode_image gives uint16 for a 16-bit PNG; a uint8 batch took it modulo 256 (a ramp 0..65535 became 0, 97,
+    194, 36, ...). PIL reads the same file as the high byte of each sample, which is torchvision's
+    to_dtype(scale=True) too: training and eval batches and predict's decode (decode_rgb_bytes) must give that."""
+    import cv2
+    from torchvision.transforms.v2.functional import to_dtype
+
+    from mona_dist.data import converters
+    from mona_dist.data.pipelines import decode_rgb_bytes
+    from mona_dist.data.writer import write_shards
+
+    ramp = (np.arange(40 * 48 * 3) * 997 % 65536).astype(np.uint16).reshape(40, 48, 3)
+    folder = tmp_path / "source" / "ramp"
+    folder.mkdir(parents=True)
+    assert cv2.imwrite(str(folder / "a.png"), ramp[..., ::-1])  # OpenCV writes BGR: a 16-bit RGB PNG
+    with Image.open(folder / "a.png") as im:
+        pil = np.asarray(im.convert("RGB"))
+    assert (pil == ramp >> 8).all()  # PIL: the high byte
+    data = (folder / "a.png").read_bytes()
+    expected = torch.from_numpy(pil).permute(2, 0, 1)
+    wide = torch.from_numpy(ramp.astype(np.int32)).permute(2, 0, 1)  # to_dtype's reference on the raw samples
+    assert torch.equal(to_dtype(wide.to(torch.uint16), torch.uint8, scale=True), expected)
+    assert torch.equal(decode_rgb_bytes(data), expected)
+    from mona_dist.infer.predict import read_image
+
+    assert torch.equal(read_image(folder / "a.png"), expected)  # predict: a TypeError traceback before
+
+    refs, classes = converters.imagefolder(str(tmp_path / "source"))
+    write_shards(refs, str(tmp_path / "shards" / "train"), task="cls", classes=classes, per_shard=4, progress=False)
+    index = str(tmp_path / "shards" / "train.index.json")
+    # no resampling: a crop of the whole image (train) and a centre crop (eval) show the decoded pixels themselves
+    cfg = DataConfig(train_shards=index, val_shards=index, batch_size=1, eval_batch_size=1, workers=0,
+                     train_pipeline=PipelineConfig(crop=CropConfig(size=(40, 48))),
+                     eval_pipeline=PipelineConfig(center_crop=40))
+    for split, want in (("train", expected), ("val", expected[:, :, 4:44])):
+        batch = next(iter(build_loader("cls", cfg, split, rank=0, world_size=1, seed=0)))
+        assert batch["images"].dtype == torch.uint8 and torch.equal(batch["images"][0], want), split

@@ -141,3 +141,60 @@ def test_shard_size_target_in_bytes(synth, tmp_path):
         assert tar.getnames()[:3] == ["00000000.cls", "00000000.jpg", "00000000.json"]
     with pytest.raises(ValueError, match="exactly one"):
         plan_shards(refs, 1e8, 10)
+
+
+def _copy_source(synth, task: str, tmp_path) -> str:
+    import shutil
+
+    src = str(tmp_path / "source")
+    shutil.copytree(os.path.join(synth(task), "source"), src)
+    return src
+
+
+def test_ade20k_label_values_above_the_class_list_are_refused(synth, tmp_path):
+    src = _copy_source(synth, "ade20k", tmp_path)
+    images, labels = os.path.join(src, "images", "training"), os.path.join(src, "annotations", "training")
+    name = sorted(os.listdir(labels))[3]
+    mask = np.asarray(Image.open(os.path.join(labels, name))).copy()
+    mask[0, :3] = [7, 255, 0]  # 6 classes: 7 is none of them; 255 (ignore) and 0 (other) are fine
+    Image.fromarray(mask).save(os.path.join(labels, name))
+    with pytest.raises(ValueError, match=f"label map .*{name} holds value 7, above the 6 classes"):
+        converters.ade20k(images, labels)
+    mask[0, 0] = 6
+    Image.fromarray(mask).save(os.path.join(labels, name))
+    assert len(converters.ade20k(images, labels)[0]) == NUM_TRAIN
+
+
+def test_coco_unknown_categories_and_boxes_outside_the_image_are_refused(synth, tmp_path):
+    src = _copy_source(synth, "coco", tmp_path)
+    images, path = os.path.join(src, "images", "train2017"), os.path.join(src, "annotations", "instances_train2017.json")
+    data = json.load(open(path))
+    good = json.dumps(data)
+    ann = data["annotations"][5]
+    ann["category_id"] = 99  # was "skipping corrupt sample ... KeyError: 99" at train time
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ValueError, match=f"annotation {ann['id']} .* has category_id 99, which is not in its "
+                                         "categories"):
+        converters.coco(images, path)
+    data = json.loads(good)
+    ann = data["annotations"][5]
+    width = next(i["width"] for i in data["images"] if i["id"] == ann["image_id"])
+    ann["bbox"] = [width + 2.0, 1.0, 5.0, 5.0]  # right of the image: nothing left after clamping
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ValueError, match=f"annotation {ann['id']} .* outside the image: clamped to it, its area "
+                                         "is zero"):
+        converters.coco(images, path)
+
+
+def test_voc_boxes_outside_the_image_are_refused(synth, tmp_path):
+    src = _copy_source(synth, "voc", tmp_path)
+    voc = os.path.join(src, "VOCdevkit", "VOC2012")
+    image_id = open(os.path.join(voc, "ImageSets", "Main", "train.txt")).read().split()[0]
+    xml = os.path.join(voc, "Annotations", image_id + ".xml")
+    tree = ET.parse(xml)
+    height = int(tree.getroot().find("size").find("height").text)
+    box = tree.getroot().find("object").find("bndbox")
+    box.find("ymin").text, box.find("ymax").text = str(height + 5), str(height + 9)
+    tree.write(xml)
+    with pytest.raises(ValueError, match=f"VOC {image_id}: .* box .* lies outside the .* image"):
+        converters.voc([voc], "train", classes=converters.read_class_file(os.path.join(voc, "classes.txt")))

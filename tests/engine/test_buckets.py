@@ -102,3 +102,34 @@ def test_every_shipped_recipe_passes_deepspeeds_own_zero_initialization(name, on
         assert zero.allgather_bucket_size == zero.reduce_bucket_size == ds["zero_optimization"]["reduce_bucket_size"]
     finally:
         engine.release()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["coco", "voc"])
+def test_the_benchs_deepspeed_runs_pass_deepspeeds_own_zero_initialization(task, one_rank):
+    """`mona-dist bench --engine deepspeed --zero 2` builds each method's engine the way training does: the
+    paper-size detectors (the bench's defaults: Swin-B Cascade Mask R-CNN, Swin-L RetinaNet), every default method."""
+    from mona_dist.bench.cli import DEFAULT_METHODS
+    from mona_dist.bench.runner import TASK_DEFAULTS, BenchSpec, build_model, parse_method
+    from mona_dist.config.schema import EngineConfig, OptimConfig
+    from mona_dist.engine.deepspeed_engine import DeepSpeedEngine
+
+    backbone, _, classes = TASK_DEFAULTS[task]
+    spec = BenchSpec(backbone=backbone, methods=DEFAULT_METHODS.split(","), task=task, batch_size=1,
+                     num_classes=classes, engine="deepspeed", zero_stage=2, precision="bf16")
+    odd = []
+    for label in spec.methods:
+        method, opts = parse_method(label)
+        with torch.device("meta"):
+            model = build_model(spec, method, opts)
+        model = model.to_empty(device="cpu")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        odd += [label] * (trainable // 4 % 2 == 1 and trainable // 4 > 1 << 20)
+        ecfg = EngineConfig(name="deepspeed", zero_stage=2, precision="bf16")
+        engine = DeepSpeedEngine(model, ecfg, OptimConfig(lr=1e-5), torch.device("cpu"), 1, 1)
+        try:
+            assert type(engine.ds.optimizer).__name__ == "DeepSpeedZeroOptimizer"
+        finally:
+            engine.release()
+        del model, engine
+    print(f"{task}: methods whose quarter of the trainable count is odd: {odd}")
