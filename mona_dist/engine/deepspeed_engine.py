@@ -86,7 +86,7 @@ def _check_leaf(key: str, value: Any, path: Path) -> None:
 
 def _refuse(key: str, path: Path) -> None:
     hint = f"set {_DERIVED[key]} instead" if key in _DERIVED else "not among the keys mona-dist passes on " \
-        "(README: DeepSpeed JSON overrides)"
+        "(docs/engines.md: DeepSpeed JSON overrides)"
     raise ConfigError("engine.deepspeed_config", f"{path}: {key} is not accepted: {hint}")
 
 
