@@ -1,4 +1,4 @@
-"""bench.json, bench.md (a README-ready table), bench.png (memory and time bars) and TensorBoard, from bench rows."""
+"""bench.json, bench.md (a Markdown table for the docs), bench.png (memory and time bars) and TensorBoard, from bench rows."""
 
 from __future__ import annotations
 

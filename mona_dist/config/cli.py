@@ -9,7 +9,8 @@ from mona_dist.cli import DefaultsFormatter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recipes", help="print the official recipe values next to the shipped configs' (README)",
+    p = sub.add_parser("recipes", help="print the official recipe values next to the shipped configs' "
+                                       "(docs/recipes.md)",
                        description=__doc__, formatter_class=DefaultsFormatter)
     p.add_argument("--check", action="store_true", help="exit 1, listing them, when a shipped value differs")
     p.set_defaults(func=run)

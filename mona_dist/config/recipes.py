@@ -1,11 +1,12 @@
-"""The official Mona recipes, value by value, with the file each value comes from; and the table README shows.
+"""The official Mona recipes, value by value, with the file each value comes from; and the table docs/recipes.md shows.
 
 Every `Fact` names a key of our config (dotted, read from the loaded config: `value_of`), the official value in our
 units, and its source file in GitHub `Leiyi-Hu/mona` (or the upstream OpenMMLab file the official config inherits,
 marked so). `stated` says how the official file spells the value where the form differs (epochs of a repeated
 dataset, GPUs x images). `table()` renders them against the shipped configs; `mona-dist recipes` prints it and
-tests/config/test_recipes.py checks both that every value equals the official one and that README holds this table.
-Values a config cannot express (frozen stages, norm layers) are listed in README under the table, not here;
+tests/config/test_recipes.py checks both that every value equals the official one and that docs/recipes.md holds this
+table.
+Values a config cannot express (frozen stages, norm layers) are listed in docs/recipes.md above the table, not here;
 the detectors themselves are the official configs, built in tasks/coco.py and tasks/voc.py.
 """
 
@@ -292,8 +293,8 @@ def rows(recipe: Recipe) -> list[tuple[str, str, Fact, Any]]:
 
 
 def table() -> str:
-    """README's recipe section body: per recipe, key | official | ours | official file (first method's config for
-    the shared keys; per-method keys once per method)."""
+    """The recipe section body of docs/recipes.md: per recipe, key | official | ours | official file (first method's
+    config for the shared keys; per-method keys once per method)."""
     lines = ["Official files: `det/` = `Swin-Transformer-Object-Detection/`, `seg/` = "
              "`Swin-Transformer-Semantic-Segmentation/`, `cls/` = `Swin-Transformer-Classification/` in `Leiyi-Hu/mona`.",
              ""]

@@ -29,7 +29,7 @@ class ModelConfig(Section):
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     out_indices: list[int] | None = None
     # Swin only: "official" computes what the official Swin/Mona code computes (pad then shift every odd block,
-    # output norms at init); "timm" what timm computes (for timm classification checkpoints). README: Pretrained.
+    # output norms at init); "timm" what timm computes (for timm classification checkpoints). docs/weights.md.
     swin_arithmetic: Literal["official", "timm"] = "official"
     num_classes: int | None = Field(None, gt=0)
     # Task-specific head/neck options, validated by the task's `head_options` model.
@@ -104,12 +104,12 @@ class EngineConfig(Section):
     grad_clip: float = Field(0.0, ge=0.0)  # 0 disables clipping (DeepSpeed's own default would be 1.0)
     grad_accum: int = Field(1, ge=1)
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile per block (README: Compile); not with DeepSpeed ZeRO-3
+    compile: bool = False  # torch.compile per block (docs/engines.md: Compile); not with DeepSpeed ZeRO-3
     # fsdp: free each block's gathered weights after its forward and gather them again in backward (ZeRO-3
     # memory); False keeps them from forward to backward (one all-gather fewer per block). None: True.
     reshard_after_forward: bool | None = None
     deepspeed_config: str | None = None  # JSON merged over the generated config; listed keys only (ALLOWED_OVERRIDES)
-    # Cost knobs; None picks the default that the engine section of README describes.
+    # Cost knobs; None picks the default that docs/engines.md describes.
     foreach: bool | None = None  # AdamW's multi-tensor kernels; None: on CUDA (hundreds of small adapter tensors)
     bucket_elements: int | None = Field(None, gt=0)  # ZeRO-1/2 reduce/allgather buckets; None: from trainable count
     overlap_comm: bool | None = None  # ZeRO-1/2 reduction beside backward; None: on CUDA with several ranks

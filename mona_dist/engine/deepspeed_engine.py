@@ -86,7 +86,7 @@ def _check_leaf(key: str, value: Any, path: Path) -> None:
 
 def _refuse(key: str, path: Path) -> None:
     hint = f"set {_DERIVED[key]} instead" if key in _DERIVED else "not among the keys mona-dist passes on " \
-        "(README: DeepSpeed JSON overrides)"
+        "(docs/engines.md: DeepSpeed JSON overrides)"
     raise ConfigError("engine.deepspeed_config", f"{path}: {key} is not accepted: {hint}")
 
 
@@ -114,12 +114,15 @@ def bucket_elements(trainable: int, largest: int) -> int:
 
 
 def check_bucket(key: str, value: Any, where: str) -> None:
-    """One ConfigError line for a bucket size DeepSpeed would refuse (the constraints above)."""
+    """One ConfigError line for a bucket size DeepSpeed would refuse (the constraints above): every size positive,
+    the allgather bucket also a multiple of ZERO_BUCKET_ALIGNMENT."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # JSON's 5e8 is a float; DeepSpeed's config reads an integral float as an int
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % ZERO_BUCKET_ALIGNMENT:
-        raise ConfigError(where, f"{key} must be a positive multiple of {ZERO_BUCKET_ALIGNMENT} (DeepSpeed's ZeRO-1/2 "
-                          f"aligns its buckets to 4 bytes), not {value!r}")
+    step = ZERO_BUCKET_ALIGNMENT if key.endswith("allgather_bucket_size") else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % step:
+        rule = f"a positive multiple of {step} (DeepSpeed's ZeRO-1/2 aligns it to 4 bytes)" if step > 1 else \
+            "a positive whole number"
+        raise ConfigError(where, f"{key} must be {rule}, not {value!r}")
 
 
 def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int, trainable: int = 0,

@@ -69,7 +69,7 @@ def export(args: argparse.Namespace) -> int:
               f"pretrained_cfg_overlay={overlay}{extra})")
         if bb.family == "swin" and bb.swin_arithmetic == "official":
             print("features equal this backbone's at input sizes whose every stage is a whole number of windows "
-                  "(224 x 224 for window 7; README: Export)")
+                  "(224 x 224 for window 7; docs/eval-predict-export.md)")
         for note in notes:
             print(f"note: {note}")
     else:

@@ -1,6 +1,6 @@
-"""Every shipped recipe value equals the official one (mona_dist/config/recipes.py names each source file), README's
-recipe table is what `mona-dist recipes` prints, and each sbatch script's default world size gives its recipe's
-images per step."""
+"""Every shipped recipe value equals the official one (mona_dist/config/recipes.py names each source file), the
+recipe table in docs/recipes.md is what `mona-dist recipes` prints, and each sbatch script's default world size
+gives its recipe's images per step."""
 
 from __future__ import annotations
 
@@ -39,10 +39,10 @@ def test_the_check_fails_on_a_changed_value(tmp_path, monkeypatch):
     assert len(diffs) == 5 and all("model.drop_path_rate is 0.3, official 0.2" in d for d in diffs)
 
 
-def test_readme_table_is_the_generated_one(capsys):
-    readme = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- recipes:begin -->\n(.*)<!-- recipes:end -->", readme, re.S)
-    assert block, "README lacks the recipes block"
+def test_docs_recipe_table_is_the_generated_one(capsys):
+    page = (REPO / "docs" / "recipes.md").read_text()
+    block = re.search(r"<!-- recipes:begin -->\n(.*)<!-- recipes:end -->", page, re.S)
+    assert block, "docs/recipes.md lacks the recipes block"
     assert block.group(1) == table()
     assert main(["recipes"]) == 0
     assert capsys.readouterr().out == table()

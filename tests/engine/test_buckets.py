@@ -42,12 +42,17 @@ def test_odd_bucket_settings_are_refused_in_one_line(tmp_path):
         load_config(CONFIGS / "cpu" / "cls.yaml", ["engine.bucket_elements=1048577"])
     cfg = load_config(CONFIGS / "cpu" / "cls.yaml", ["engine.bucket_elements=1048578"])
     assert deepspeed_config(cfg.engine, 2, 1)["zero_optimization"]["allgather_bucket_size"] == 1048578
-    for key, value in [("allgather_bucket_size", 5e8 + 1), ("reduce_bucket_size", 0), ("allgather_bucket_size", 2.5)]:
-        override = tmp_path / "ds.json"
+    override = tmp_path / "ds.json"
+    for key, value, rule in [("allgather_bucket_size", 5e8 + 1, "a positive multiple of 2"),
+                             ("allgather_bucket_size", 2.5, "a positive multiple of 2"),
+                             ("reduce_bucket_size", 0, "a positive whole number")]:
         override.write_text(json.dumps({"zero_optimization": {key: value}}))
         cfg = load_config(CONFIGS / "cpu" / "cls.yaml", [f"engine.deepspeed_config={override}"])
-        with pytest.raises(ConfigError, match=rf"zero_optimization.{key} must be a positive multiple of 2"):
+        with pytest.raises(ConfigError, match=rf"zero_optimization.{key} must be {rule}"):
             deepspeed_config(cfg.engine, 2, 1)
+    override.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 777}}))  # DeepSpeed takes it
+    cfg = load_config(CONFIGS / "cpu" / "cls.yaml", [f"engine.deepspeed_config={override}"])
+    assert deepspeed_config(cfg.engine, 2, 1)["zero_optimization"]["reduce_bucket_size"] == 777
     override.write_text(json.dumps({"zero_optimization": {"allgather_bucket_size": 5e8}}))  # JSON's float 5e8
     cfg = load_config(CONFIGS / "cpu" / "cls.yaml", [f"engine.deepspeed_config={override}"])
     assert deepspeed_config(cfg.engine, 2, 1)["zero_optimization"]["allgather_bucket_size"] == 5e8

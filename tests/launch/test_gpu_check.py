@@ -63,7 +63,7 @@ def test_bad_arguments_are_one_line():
 @pytest.mark.slow
 def test_cpu_tiny_run_of_a_subset_writes_json_and_survives_a_failing_step(tmp_path):
     """train-cls under the deepspeed launcher, bench-voc with one bad method (fails), then bench-data still runs;
-    the exit code says a step failed. The whole script ran by hand: see README "GPU check"."""
+    the exit code says a step failed. The whole script ran by hand: see docs/gpu-check.md."""
     out = tmp_path / "gpu-check"
     env = dict(os.environ, OUT=str(out))
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--steps", "1",
