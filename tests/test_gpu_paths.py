@@ -24,7 +24,7 @@ def cuda():
 
 @pytest.fixture
 def nccl_group(monkeypatch):
-    """A one-rank NCCL group in memory, as `train.loop.join_group` makes for DeepSpeed in one process on a GPU."""
+    """A one-rank NCCL group in memory, as `train.setup.join_group` makes for DeepSpeed in one process on a GPU."""
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
         monkeypatch.setenv(key, value)
     if tdist.is_initialized():
