@@ -70,7 +70,7 @@ def merged_trunk(bb: Backbone) -> dict[str, torch.Tensor]:
         why = UNMERGEABLE.get(bb.method, "it adds modules that a timm model does not have")
         raise ValueError(f"method {bb.method!r} cannot be merged into a plain timm model: {why}; export without "
                          f"--merge writes the complete backbone file instead")
-    depth = len(bb.trunk.layers) if bb.family == "swin" else len(bb.trunk.blocks)
+    depth = bb.depth
     full = _full_depth(bb)
     if depth != full:
         raise ValueError(f"--merge needs the whole trunk: this backbone stops at output {bb.out_indices[-1]} of "
@@ -116,7 +116,7 @@ def _full_depth(bb: Backbone) -> int:
     spec = BACKBONES.get(bb.name)
     with torch.device("meta"):
         t = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
-    return len(t.layers if bb.family == "swin" else t.blocks)
+    return bb.layout.depth(t)
 
 
 def timm_head_kwargs(bb: Backbone) -> dict[str, object]:
