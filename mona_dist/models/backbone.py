@@ -140,23 +140,12 @@ class Backbone(nn.Module):
         return self.highway_units(), [getattr(parent, attr) for parent, attr in self.block_units()]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if self.family == "vit":
-            ph, pw = self.trunk.patch_embed.patch_size
-            if images.shape[-2] % ph or images.shape[-1] % pw:
-                raise ValueError(f"ViT input {tuple(images.shape[-2:])} is not divisible by the patch size {ph}")
+        self.layout.check_input(self.trunk, images)
         if self.highway is not None:
             feats = self.highway(self.trunk, images)
         else:
             feats = self.layout.features(self.trunk, images, self.out_indices)
-        return [self._nchw(norm(f), images) for norm, f in zip(self.out_norms, feats)]
-
-    def _nchw(self, f: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        if f.dim() == 4:  # Swin: (B, H, W, C)
-            return f.permute(0, 3, 1, 2).contiguous()
-        ph, pw = self.trunk.patch_embed.patch_size
-        h, w = images.shape[-2] // ph, images.shape[-1] // pw
-        patches = f[:, self.trunk.num_prefix_tokens :]
-        return patches.transpose(1, 2).reshape(f.shape[0], f.shape[-1], h, w)
+        return [self.layout.to_nchw(self.trunk, norm(f), images) for norm, f in zip(self.out_norms, feats)]
 
 
 def build_backbone(

@@ -7,7 +7,10 @@ is one more entry here, registered by name, with no engine change.
 A trunk is a row of *levels* (the positions a backbone can output: Swin's stages, ViT's blocks), and each level
 holds a row of *blocks* (the units FSDP shards, activation checkpointing wraps and torch.compile compiles). A block
 is addressed as `(parent, attr)`, `getattr(parent, attr)`, so that a wrapper can replace it in place; whatever
-wraps a block already (checkpointing, compile) is what the address holds.
+wraps a block already (checkpointing, compile) is what the address holds. An entry also says each level's width
+and stride, which outputs a backbone takes by default, how the frozen trunk runs to its outputs and how an output
+becomes an NCHW map. The E3VA highway runs the trunk itself (adapters/highway.py: adapters sit below models and
+cannot ask a backbone); the backbone names the highway's units from the highway's own attributes.
 """
 
 from __future__ import annotations
@@ -60,8 +63,15 @@ class TrunkLayout:
     def default_out_indices(self, depth: int) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def check_input(self, trunk: nn.Module, images: torch.Tensor) -> None:
+        """Raise a one-line error for images the trunk cannot take (any size by default)."""
+
     def features(self, trunk: nn.Module, images: torch.Tensor, out_indices: tuple[int, ...]) -> list[torch.Tensor]:
         """The outputs of the levels in `out_indices`, as the trunk computes them (tokens in the trunk's layout)."""
+        raise NotImplementedError
+
+    def to_nchw(self, trunk: nn.Module, f: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """One output of `features` (after its output norm) as a (B, C, H, W) map."""
         raise NotImplementedError
 
 
@@ -91,6 +101,9 @@ class SwinLayout(TrunkLayout):
                 outs.append(x)
         return outs
 
+    def to_nchw(self, trunk, f, images):
+        return f.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C)
+
 
 class ViTLayout(TrunkLayout):
     """timm's VisionTransformer: one stage of `blocks`, each a level. Outputs are (B, P+N, C) tokens."""
@@ -109,6 +122,11 @@ class ViTLayout(TrunkLayout):
     def default_out_indices(self, depth):
         return tuple((i + 1) * depth // 4 - 1 for i in range(4))  # 4 evenly spaced blocks
 
+    def check_input(self, trunk, images):
+        ph, pw = trunk.patch_embed.patch_size
+        if images.shape[-2] % ph or images.shape[-1] % pw:
+            raise ValueError(f"ViT input {tuple(images.shape[-2:])} is not divisible by the patch size {ph}")
+
     def features(self, trunk, images, out_indices):
         outs, x = [], trunk.patch_embed(images)
         x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(x)))
@@ -117,6 +135,12 @@ class ViTLayout(TrunkLayout):
             if i in out_indices:
                 outs.append(x)
         return outs
+
+    def to_nchw(self, trunk, f, images):
+        ph, pw = trunk.patch_embed.patch_size
+        h, w = images.shape[-2] // ph, images.shape[-1] // pw
+        patches = f[:, trunk.num_prefix_tokens :]  # the prefix (cls, register) tokens have no place on the grid
+        return patches.transpose(1, 2).reshape(f.shape[0], f.shape[-1], h, w)
 
 
 LAYOUTS: Registry[TrunkLayout] = Registry("backbone family")
