@@ -122,7 +122,7 @@ def _full_depth(bb: Backbone) -> int:
 def timm_head_kwargs(bb: Backbone) -> dict[str, object]:
     """What timm's classifier needs to compute a cls task's head: Swin pools the normed last stage (timm's default);
     ViT averages the normed patch tokens, which is timm's `global_pool='avg'` without its extra `fc_norm`."""
-    return {} if bb.family == "swin" else {"global_pool": "avg", "fc_norm": False}
+    return dict(bb.layout.timm_head_kwargs)
 
 
 def write_timm(bb: Backbone, path: str | Path, head: torch.nn.Linear | None = None,
@@ -131,7 +131,7 @@ def write_timm(bb: Backbone, path: str | Path, head: torch.nn.Linear | None = No
     notes for the user (output norms left out)."""
     sd = merged_trunk(bb)
     if head is not None:
-        name = "head.fc" if bb.family == "swin" else "head"
+        name = bb.layout.timm_head
         sd[f"{name}.weight"], sd[f"{name}.bias"] = head.weight.detach(), head.bias.detach()
     notes = []
     dropped = [i for i, n in zip(bb.out_indices[:-1], bb.out_norms[:-1])

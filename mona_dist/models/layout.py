@@ -32,6 +32,10 @@ class TrunkLayout:
     family: str
     trunk_type: type[nn.Module]
     levels_attr: str  # the trunk's container of levels (an nn.Sequential)
+    # timm's classifier, for an exported cls model: its state-dict prefix, and the create_model arguments with which
+    # timm computes what a task's linear head on the last output computes
+    timm_head: str = "head"
+    timm_head_kwargs: dict = {}
 
     def levels(self, trunk: nn.Module) -> nn.Sequential:
         return getattr(trunk, self.levels_attr)
@@ -80,6 +84,7 @@ class SwinLayout(TrunkLayout):
     `blocks`. Outputs are (B, H, W, C) per stage."""
 
     family, trunk_type, levels_attr = "swin", SwinTransformer, "layers"
+    timm_head = "head.fc"  # timm pools the normed last stage by default
 
     def block_lists(self, trunk):
         return [stage.blocks for stage in trunk.layers]
@@ -109,6 +114,8 @@ class ViTLayout(TrunkLayout):
     """timm's VisionTransformer: one stage of `blocks`, each a level. Outputs are (B, P+N, C) tokens."""
 
     family, trunk_type, levels_attr = "vit", VisionTransformer, "blocks"
+    # the task averages the normed patch tokens: timm's global_pool='avg' without its extra fc_norm
+    timm_head_kwargs = {"global_pool": "avg", "fc_norm": False}
 
     def block_lists(self, trunk):
         return [trunk.blocks]
