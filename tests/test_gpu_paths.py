@@ -97,3 +97,17 @@ def test_device_preprocessing_on_cuda_equals_the_cpu(cuda):
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4)
     listed = pre([batch[0].to(cuda), batch[1, :, :24, :30].to(cuda)], sizes=[(48, 60), (36, 45)])  # detection
     assert [tuple(x.shape[-2:]) for x in listed] == [(48, 60), (36, 45)] and listed[0].is_cuda
+
+
+def test_a_workers_0_loader_leaves_the_cuda_generator_alone(cuda, tmp_path):
+    """Issue 25, item 10: the per-sample augmentation seed reseeds only the CPU generator in the trainer's
+    process, so the trainer's CUDA stream (dropout masks) does not depend on the sample position."""
+    from mona_dist.data import DataConfig, build_loader
+    from mona_dist.data.synthetic import build
+
+    build("cls", str(tmp_path), num_train=8, num_val=2, size=32, per_shard=8)
+    cfg = DataConfig(train_shards=str(tmp_path / "shards" / "train.index.json"), batch_size=4, workers=0)
+    torch.cuda.manual_seed(5)
+    before = torch.cuda.get_rng_state(cuda)
+    next(iter(build_loader("cls", cfg, "train", rank=0, world_size=1, seed=7)))
+    assert torch.equal(torch.cuda.get_rng_state(cuda), before)
