@@ -77,3 +77,12 @@ def test_bench_data_times_the_device_half(synth, capsys, task, source):
     # 2 batches of 2 images are far too few to give a rate: said on stderr, the rates are still printed
     assert re.search(r"^mona-dist bench-data: warning: only [0-9]+ images in [0-9.]+ s were timed per side .*raise "
                      r"--batches", captured.err, re.M), captured.err
+
+
+def test_bench_data_moves_batches_as_training_does(synth, capsys):
+    """Issue 25, item 3: `--device cuda` sent the per-image draws (photometric, flips, jitter) to the device, where
+    the preprocessor, reading them on the host, refused them. The `meta` device shows it on CPU."""
+    spec = os.path.join(synth("ade20k"), "shards", "train.index.json")
+    assert main(["bench-data", "--shards", spec, "--task", "seg", "--workers", "0", "--batches", "2",
+                 "--batch-size", "2", "--device", "meta", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "meta"
