@@ -34,6 +34,22 @@ def nccl_group(monkeypatch):
     tdist.destroy_process_group()
 
 
+@pytest.fixture
+def offload_group(monkeypatch):
+    """The one-rank group `train.loop.join_group` makes for FSDP with CPU offload on a GPU: NCCL for CUDA tensors,
+    gloo for the host ones (issue 25, item 1)."""
+    from mona_dist.distributed import process_group_backend
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    tdist.init_process_group(process_group_backend(cuda=True, cpu_collectives=True), store=tdist.HashStore(), rank=0,
+                             world_size=1)
+    yield
+    tdist.destroy_process_group()
+
+
 def train_steps(engine_cfg: EngineConfig, device: torch.device, steps: int = 8) -> None:
     """Mona on swin_nano with a segmentation head fits one fixed 64-px batch for `steps` steps: the loss falls and
     every trainable tensor (DeepSpeed: its fp32 master copy, gathered under ZeRO-3) moved and stayed finite."""
@@ -65,6 +81,13 @@ def test_deepspeed_zero_bf16_trains_on_cuda(cuda, nccl_group, stage):
     torch.cuda.reset_peak_memory_stats(cuda)
     train_steps(EngineConfig(name="deepspeed", zero_stage=stage, precision="bf16"), cuda)
     assert torch.cuda.max_memory_allocated(cuda) > 0
+
+
+def test_fsdp_with_cpu_offload_trains_on_cuda(cuda, offload_group):
+    """Shards, gradients and the AdamW step on the host; the gradient norm and the gathers of the trainable weights
+    run on host tensors, over the group's gloo half. (One GPU: whether a one-rank NCCL-only group would refuse
+    them too was not measured.)"""
+    train_steps(EngineConfig(name="fsdp", offload_params=True, precision="bf16"), cuda)
 
 
 def test_ddp_bf16_autocast_trains_on_cuda(cuda):
