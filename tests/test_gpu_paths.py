@@ -134,3 +134,57 @@ def test_a_workers_0_loader_leaves_the_cuda_generator_alone(cuda, tmp_path):
     before = torch.cuda.get_rng_state(cuda)
     next(iter(build_loader("cls", cfg, "train", rank=0, world_size=1, seed=7)))
     assert torch.equal(torch.cuda.get_rng_state(cuda), before)
+
+
+def test_deepspeed_zero2_fp16_skips_an_overflow_step_and_resumes_its_scaler(cuda, nccl_group, tmp_path):
+    """Issue 25, item 11: DeepSpeed ZeRO-2 fp16, what the cls, coco and voc recipes ship. The dynamic loss scaler
+    starts at 2^16 and finds a scale that trains; a step whose gradients overflow is skipped (weights unchanged) and
+    lowers the scale (or first the hysteresis); a checkpoint keeps the scaler's state through the allow-listed
+    loader, and a fresh engine resumes from it with the same state and weights."""
+    spec = BenchSpec(backbone="swin_nano_patch4_window7", methods=["mona"], task="seg", batch_size=2, img_size=64,
+                     num_classes=8)
+    cfg = EngineConfig(name="deepspeed", zero_stage=2, precision="fp16")
+    fields = ("cur_scale", "cur_iter", "cur_hysteresis", "last_overflow_iter")
+
+    def engine_for():
+        torch.manual_seed(0)
+        engine = build_engine(build_model(spec, "mona", {}), cfg, OptimConfig(lr=1e-3, weight_decay=0.0),
+                              micro_batch_size=2, device=cuda)
+        engine.train()
+        return engine
+
+    def step(engine, scale=1.0) -> bool:
+        """One step; True when DeepSpeed skipped it."""
+        skipped = engine.ds.skipped_steps
+        loss = engine(batch)["loss"]
+        assert torch.isfinite(loss)
+        engine.backward(loss * scale)
+        engine.step()
+        return engine.ds.skipped_steps > skipped
+
+    def scaler_state(engine) -> tuple:
+        scaler = engine.ds.optimizer.loss_scaler
+        return tuple(getattr(scaler, k) for k in fields)
+
+    engine, batch = engine_for(), make_batch(spec, cuda)
+    assert engine.ds.optimizer.loss_scaler.dynamic and engine.ds.optimizer.loss_scaler.cur_scale == 2.0 ** 16
+    start = engine.trainable_weights()
+    assert not all(step(engine) for _ in range(8)), "every fp16 step overflowed"  # the scaler settles
+    before = engine.trainable_weights()
+    assert any(not torch.equal(start[k], before[k]) for k in start)  # a step that was not skipped moved weights
+    state = scaler_state(engine)
+    assert step(engine, scale=float("inf"))  # every gradient overflows: skipped
+    after = engine.trainable_weights()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    lowered = scaler_state(engine)
+    assert lowered[0] < state[0] or lowered[2] < state[2], (state, lowered)  # the scale, or first the hysteresis
+    engine.save(tmp_path)
+    engine.release()
+
+    resumed = engine_for()
+    resumed.load(tmp_path)
+    assert scaler_state(resumed) == lowered
+    weights = resumed.trainable_weights()
+    assert all(torch.equal(weights[k], after[k]) for k in after)
+    step(resumed)  # trains on (a finite loss; it may be skipped again while the scale settles)
+    resumed.release()
