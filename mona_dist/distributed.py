@@ -316,7 +316,7 @@ def _check_distinct_gpus(state: DistState, store: Any, uuid: str, host: str | No
     rank has already reached, before NCCL starts: no collective, and no new connection between ranks (a gloo group
     opened for it waited for its 30-minute timeout where hostnames resolve to 127.0.1.1 or an unrouted interface).
     Each rank counts itself under its (host, GPU) key; the last rank to arrive says so, and every rank then reads
-    whether any key was counted twice.
+    whether any key was counted twice (rank 0, which hosts the store, waits until all have read it).
     """
     import socket
 
@@ -330,8 +330,13 @@ def _check_distinct_gpus(state: DistState, store: Any, uuid: str, host: str | No
     if store.add("arrived", 1) == state.world_size:
         store.set("done", "1")
     store.wait(["done"])
-    if store.check(["problem"]):
-        raise ValueError(store.get("problem").decode())
+    problem = store.get("problem").decode() if store.check(["problem"]) else None
+    if store.add("read", 1) == state.world_size:
+        store.set("all_read", "1")
+    if state.rank == 0:  # rank 0 hosts the store: it leaves only once every rank has read the answer
+        store.wait(["all_read"])
+    if problem:
+        raise ValueError(problem)
 
 
 def get_state() -> DistState:
