@@ -18,7 +18,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from mona_dist.engine.deepspeed_compat import use_one_jit_build  # noqa: E402
+
 torch.set_num_threads(1)
+# DeepSpeed's CPU ops built once in .venv/torch_extensions with the venv's ninja, by this process and every one it
+# starts (deepspeed_compat.py, workaround 4): tests that call deepspeed.initialize directly get it too.
+use_one_jit_build()
 
 
 def pytest_collection_modifyitems(config, items):

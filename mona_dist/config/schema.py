@@ -91,6 +91,10 @@ class ScheduleConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
 
 
+# DeepSpeed ZeRO-1/2 bucket sizes are multiples of this (engine/deepspeed_engine.py says where DeepSpeed asks it).
+ZERO_BUCKET_ALIGNMENT = 2
+
+
 class EngineConfig(Section):
     name: Literal["deepspeed", "fairscale", "ddp", "fsdp"] = "deepspeed"
     zero_stage: int = Field(0, ge=0, le=3)
@@ -189,6 +193,9 @@ def combination_errors(engine: EngineConfig, train: TrainConfig | None = None) -
         errors.append(("engine.offload_optimizer", "optimizer offload needs engine.zero_stage >= 1"))
     if e.name == "deepspeed" and e.offload_params and e.zero_stage != 3:
         errors.append(("engine.offload_params", "parameter offload needs engine.zero_stage 3"))
+    if e.bucket_elements is not None and e.bucket_elements % ZERO_BUCKET_ALIGNMENT:
+        errors.append(("engine.bucket_elements", f"must be a multiple of {ZERO_BUCKET_ALIGNMENT} (DeepSpeed's ZeRO-1/2 "
+                       f"aligns its buckets to 4 bytes), not {e.bucket_elements}"))
     for key in ("bucket_elements", "overlap_comm"):
         if e.name != "deepspeed" and getattr(e, key) is not None:
             errors.append((f"engine.{key}", f"ZeRO's communication buckets need engine.name=deepspeed, not {e.name}"))

@@ -25,13 +25,24 @@ state yet at that moment, so their parameters are linked to nothing, for good, a
 `deepspeed.utils.safe_get_full_optimizer_state` fails on them: "exp_avg not found in optimizer state fragment".
 Every run with more than one group (the recipes' paramwise weight-decay groups) hit it at its first checkpoint.
 Parameters left unlinked are linked again, to the state that exists by then.
+
+4. One JIT build of DeepSpeed's CPU ops per environment (`use_one_jit_build`). DeepSpeed JIT-builds its CPU
+shared-memory op (and CPUAdam) with torch's cpp_extension, which runs the first `ninja` on PATH in
+TORCH_EXTENSIONS_DIR (default: the shared ~/.cache/torch_extensions). Where two ninjas exist (the venv's, from
+PyPI, 1.13, and Debian's /usr/bin/ninja, 1.11) and the processes of one run find different ones (the venv's bin is
+on PATH under the deepspeed launcher and the console scripts, not under `.venv/bin/python`), each ninja hashes the
+command lines in `.ninja_log` its own way (1.12 changed the hash), reads the other's build as "command line
+changed" and rebuilds: measured 80-140 s per process start on this machine, alternating for hours. A second venv
+or clone sharing ~/.cache rebuilds the same way (its paths differ). So: the interpreter's own ninja first on PATH,
+and the build kept inside the environment (`<venv>/torch_extensions`) unless TORCH_EXTENSIONS_DIR is set.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, MutableMapping, Optional
 
 from mona_dist.distributed import barrier, get_state
 
@@ -115,3 +126,16 @@ def link_optimizer_states(optimizer: Any, params: Iterable[Any]) -> int:
             mapping.set_optim_state_fragment(flat, base.state[flat])
             linked += 1
     return linked
+
+
+def use_one_jit_build(env: MutableMapping[str, str] | None = None) -> None:
+    """Workaround 4 above: this interpreter's ninja first on PATH, and, in a venv, the JIT builds kept in
+    `<venv>/torch_extensions` unless TORCH_EXTENSIONS_DIR names a place. Call before DeepSpeed loads an op; child
+    processes inherit both."""
+    env = os.environ if env is None else env
+    bin_dir = str(Path(sys.executable).parent)
+    path = env.get("PATH", "").split(os.pathsep)
+    if (Path(bin_dir) / "ninja").exists() and path[:1] != [bin_dir]:
+        env["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p and p != bin_dir)])
+    if sys.prefix != sys.base_prefix:  # a venv: its own build folder (elsewhere torch's default)
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))

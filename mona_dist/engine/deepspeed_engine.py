@@ -26,9 +26,10 @@ from torch import nn
 
 from mona_dist.adapters.io import clean_name
 from mona_dist.config.loader import ConfigError, deep_merge
-from mona_dist.config.schema import EngineConfig, OptimConfig
+from mona_dist.config.schema import ZERO_BUCKET_ALIGNMENT, EngineConfig, OptimConfig
 from mona_dist.engine.base import DTYPES, Engine
-from mona_dist.engine.deepspeed_compat import drop_stale_groups, link_optimizer_states, release_cpu_allreduce_buffer
+from mona_dist.engine.deepspeed_compat import (drop_stale_groups, link_optimizer_states, release_cpu_allreduce_buffer,
+                                              use_one_jit_build)
 from mona_dist.engine.optim import build_adamw, param_groups
 from mona_dist.engine.precision import match_engine_dtype
 from mona_dist.serialization import safe_torch_load
@@ -93,13 +94,34 @@ def _refuse(key: str, path: Path) -> None:
 
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's own ZeRO-1/2 reduce/allgather bucket, in elements
 MIN_BUCKET = 1 << 20
+# What DeepSpeed 0.19.8 requires of the two bucket sizes (read in its code, checked by tests/engine/test_buckets.py
+# against DeepSpeed's own ZeRO initialization for every shipped recipe):
+# - runtime/zero/stage_1_and_2.py, DeepSpeedZeroOptimizer.__init__ (lines 387-391): `nccl_start_alignment_factor
+#   = 2  # 4-byte alignment/sizeof(fp16)` then `assert allgather_bucket_size % nccl_start_alignment_factor == 0`,
+#   for every dtype (fp32 and bf16 too) and both stages 1 and 2;
+# - runtime/zero/config.py, DeepSpeedZeroConfig (lines 113, 132): reduce_bucket_size > 0, allgather_bucket_size
+#   >= 0; runtime/utils.py all_gather_dp_groups (line 1033) divides by allgather_bucket_size, so > 0 in practice.
+# ZeRO-3 (stage3.py) and the bf16 optimizer (bf16_optimizer.py) take both sizes as they come.
+# ZERO_BUCKET_ALIGNMENT (config/schema.py, which checks engine.bucket_elements with it) holds that 2.
 
 
 def bucket_elements(trainable: int, largest: int) -> int:
     """ZeRO-1/2 reduce/allgather bucket size from what trains: a quarter of the trainable elements, so reduction
-    can start while backward still runs, never below one tensor (`largest`) or 2^20, never above DeepSpeed's 5e8.
-    DeepSpeed allocates its 5e8 default on the device whatever trains: 1-2 GB for a few million adapter weights."""
-    return int(min(DEFAULT_BUCKET, max(MIN_BUCKET, largest, -(-trainable // 4))))
+    can start while backward still runs, never below one tensor (`largest`) or 2^20, never above DeepSpeed's 5e8,
+    rounded up to DeepSpeed's alignment (ZERO_BUCKET_ALIGNMENT: an odd count of trainable elements gave an odd
+    bucket, which DeepSpeed's ZeRO-1/2 optimizer refuses at start). DeepSpeed allocates its 5e8 default on the
+    device whatever trains: 1-2 GB for a few million adapter weights."""
+    size = min(DEFAULT_BUCKET, max(MIN_BUCKET, largest, -(-trainable // 4)))
+    return int(-(-size // ZERO_BUCKET_ALIGNMENT) * ZERO_BUCKET_ALIGNMENT)
+
+
+def check_bucket(key: str, value: Any, where: str) -> None:
+    """One ConfigError line for a bucket size DeepSpeed would refuse (the constraints above)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 5e8 is a float; DeepSpeed's config reads an integral float as an int
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % ZERO_BUCKET_ALIGNMENT:
+        raise ConfigError(where, f"{key} must be a positive multiple of {ZERO_BUCKET_ALIGNMENT} (DeepSpeed's ZeRO-1/2 "
+                          f"aligns its buckets to 4 bytes), not {value!r}")
 
 
 def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int, trainable: int = 0,
@@ -151,9 +173,21 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int, 
             raise ConfigError("engine.deepspeed_config", f"{path} must hold a JSON object")
         check_override(override, path)
         ds = deep_merge(ds, override)
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if key in override.get("zero_optimization", {}):
+                check_bucket(f"{path}: zero_optimization.{key}", override["zero_optimization"][key],
+                             "engine.deepspeed_config")
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise ConfigError("engine.deepspeed_config", "enables both fp16 and bf16; pick one (engine.precision)")
     return ds
+
+
+def model_deepspeed_config(model: nn.Module, cfg: EngineConfig, micro_batch_size: int, world_size: int,
+                           device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON the engine hands DeepSpeed for this model: buckets sized from its trainable tensors."""
+    trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+    return deepspeed_config(cfg, micro_batch_size, world_size, sum(trainable), max(trainable, default=0),
+                            cuda=device.type == "cuda")
 
 
 def cpu_adam(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
@@ -194,12 +228,11 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, cfg: EngineConfig, optim: OptimConfig, device: torch.device,
                  micro_batch_size: int, world_size: int):
         super().__init__(model.to(device), cfg, device)
-        trainable = [p.numel() for p in self.model.parameters() if p.requires_grad]
-        self.ds_config = deepspeed_config(cfg, micro_batch_size, world_size, sum(trainable), max(trainable, default=0),
-                                          cuda=device.type == "cuda")
+        self.ds_config = model_deepspeed_config(self.model, cfg, micro_batch_size, world_size, device)
         groups = param_groups(self.model, optim)
         optimizer = cpu_adam(groups, optim) if cfg.offload_optimizer else build_adamw(groups, optim, self.foreach)
         drop_stale_groups()  # groups DeepSpeed cached from a process group destroyed since (deepspeed_compat.py)
+        use_one_jit_build()  # its CPU ops built once per environment, not again by every process (deepspeed_compat.py)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config)
         release_cpu_allreduce_buffer()  # DeepSpeed's CPU all-reduce never unlinks its /dev/shm buffers
         self.ds.checkpoint_engine = SafeCheckpointEngine(self.ds._config)

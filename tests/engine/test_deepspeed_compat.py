@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as tdist
@@ -90,3 +93,24 @@ def test_upstream_zero2_links_moments_of_the_first_group_only(one_rank_env):
     assert link_optimizer_states(engine.optimizer, model.parameters()) == 2  # the LayerNorm's weight and bias
     for p in model.parameters():
         assert safe_get_full_optimizer_state(p, "exp_avg").shape == p.shape
+
+
+def test_jit_builds_run_this_interpreters_ninja_in_the_environments_own_folder():
+    """Workaround 4: every process of a run builds DeepSpeed's CPU ops with the same ninja, in one folder per venv
+    (two ninjas alternating rebuilt the shm op at every process start, 80-140 s each)."""
+    import shutil
+    import sys
+
+    from mona_dist.engine.deepspeed_compat import use_one_jit_build
+
+    bin_dir = Path(sys.executable).parent
+    assert (bin_dir / "ninja").is_file()  # the venv's, from PyPI (DeepSpeed depends on it)
+    env = {"PATH": os.pathsep.join(["/usr/bin", "/bin", str(bin_dir)])}
+    use_one_jit_build(env)
+    assert shutil.which("ninja", path=env["PATH"]) == str(bin_dir / "ninja")
+    assert env["PATH"].split(os.pathsep) == [str(bin_dir), "/usr/bin", "/bin"]  # moved to the front, not doubled
+    assert env["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+    before = dict(env, TORCH_EXTENSIONS_DIR="/elsewhere")
+    after = dict(before)
+    use_one_jit_build(after)
+    assert after == before  # idempotent, and a folder the user named is kept
