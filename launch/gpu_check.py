@@ -55,7 +55,7 @@ LIMIT_S = {
 # the random init of the backbone on the host included (Swin-L: 197M parameters).
 BENCH_BUILD_S = {"voc": 6.0, "coco": 5.0}
 MAX_TOTAL_S = 570  # the default run fits one 10-minute command on the GPU machine, with its start-up
-CPU_FACTOR = 10  # a loaded 2-core CPU runs even the tiny sizes (and every start-up) several times slower
+CPU_FACTOR = 15  # a loaded 2-core CPU runs even the tiny sizes (and every start-up, DeepSpeed's above all) much slower
 # bench's detectors by the data set they come from: the task name bench offers for it, backbone and size
 # (H x W, as `bench --img-size` reads it) at paper scale and with --tiny.
 BENCH = {
