@@ -158,17 +158,27 @@ def run_step(name: str, cmd: list[str], timeout_s: float, out: Path, env: dict[s
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM to the step's process group, SIGKILL after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM to the step's process group, SIGKILL to what is left of it after `grace_s`: the deepspeed runner
+    exits on SIGTERM, but `deepspeed.launcher.launch` and the ranks may not (a rank waiting on a lock never reaches
+    the step boundary where it would stop), so the group is watched, not only its leader."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()  # reaps the leader, which would otherwise keep the group alive as a zombie
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, 0)
         except ProcessLookupError:
-            return
+            break
+        time.sleep(0.2)
+    else:
         try:
-            proc.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def log_tail(result: dict, lines: int = 3) -> str:

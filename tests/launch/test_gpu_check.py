@@ -71,6 +71,27 @@ def test_a_step_past_its_limit_is_killed_with_its_children(tmp_path):
         pytest.fail(f"the step's child {child} survived its time limit")
 
 
+def test_a_step_whose_children_ignore_sigterm_is_killed_whole(tmp_path):
+    """The deepspeed runner exits on SIGTERM while its launcher and ranks may not: the rest of the group is killed
+    after the grace time instead of outliving the check (seen: a rank waiting on a JIT-build lock)."""
+    pid_file = tmp_path / "child.pid"
+    cmd = ["bash", "-c", f"(trap '' TERM; exec sleep 300) & echo $! > {pid_file}; wait"]
+    result = gpu_check.run_step("stubborn", cmd, 2, tmp_path, gpu_check.child_env("cpu"))
+    assert result["status"] == "timeout"
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail(f"the step's child {child}, which ignores SIGTERM, survived its time limit")
+
+
 def test_bad_arguments_are_one_line():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--steps", "0"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--steps must be >= 1, got 0" in proc.stderr
