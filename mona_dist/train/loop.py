@@ -24,8 +24,9 @@ import torch.distributed as tdist
 from mona_dist.adapters.io import adapter_metadata
 from mona_dist.config import Config, dump_config
 from mona_dist.config.resolve import resolve_batch, resolve_length
+from mona_dist.config.schema import EngineConfig
 from mona_dist.data import is_padding
-from mona_dist.distributed import DistState, all_reduce_max, init_distributed
+from mona_dist.distributed import DistState, all_reduce_max, init_distributed, process_group_backend
 from mona_dist.engine import Engine, LRSchedule, build_engine
 from mona_dist.host_sync import host_values, to_host
 from mona_dist.models import count_parameters
@@ -49,8 +50,13 @@ def seed_everything(seed: int) -> None:
 def join_group(dist: DistState, cfg: Config) -> None:
     """DeepSpeed and fairscale need a process group even for one rank: a private in-memory one does."""
     if cfg.engine.name != "ddp" and not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = process_group_backend(torch.cuda.is_available(), host_collectives(cfg.engine))
         tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+
+
+def host_collectives(engine: EngineConfig) -> bool:
+    """Whether the run reduces host tensors: FSDP2 with CPU offload (its shards and gradients live on the host)."""
+    return engine.name == "fsdp" and engine.offload_params
 
 
 def endless(loader: Any) -> Iterator[Any]:
@@ -136,7 +142,7 @@ def evaluate(task: Task, engine: Engine, loader: Any, dist: DistState) -> dict[s
 def start(cfg: Config) -> tuple[DistState, Config, Any, Task]:
     """Collective. The start-up every command that runs a task model shares (train, eval, predict): ranks, the
     resolved batch, the task's and DeepSpeed's config checks, the process group."""
-    dist = init_distributed()
+    dist = init_distributed(cpu_collectives=host_collectives(cfg.engine))
     cfg, batch_plan = resolve_batch(cfg, dist.world_size)  # micro-batch and accumulation from the global batch
     task = TASKS.get(cfg.task)
     task.check(cfg)
