@@ -7,14 +7,17 @@ Steps, each a subprocess with its own time limit (a failure or a timeout never s
   shards-<cfg>      synthetic shards for each configs/cpu task (under OUT/data, reused when present)
   train-<cfg>       each configs/cpu/*.yaml task for --steps steps under the deepspeed launcher, world size 1
                     (NCCL and bf16 on cuda, gloo and the config's fp32 on cpu)
+  train-fp16        the cls task under DeepSpeed ZeRO-2 fp16 (loss scaler; cpu: fp32, the CPU accelerator has
+                    none), checkpointed; resume-fp16 resumes it for 2 more steps (the scaler's state loaded)
   bench-voc/-coco   `mona-dist bench` for the detection tasks, batch 1, every method: Swin-L 600x1000 (VOC) and
                     Swin-B 800x1333 (COCO) (H x W) in bf16 on cuda; --tiny: Swin-nano at 64x96 / 96x128
   bench-data-<cfg>  `mona-dist bench-data --device DEV` on the task's shards
 Writes OUT/<step>.json (status, exit code, wall time, budget, command, log, parsed results), OUT/summary.json and
 prints one table; exits 1 if any step failed or timed out. OUT: --out, else $OUT, else runs/gpu-check.
 
-Time budget on one GPU (seconds; limits are these, x CPU_FACTOR on --device cpu): see BUDGET_S. Their sum is
-asserted <= 480 (8 minutes) by tests/launch/test_gpu_check.py.
+Step limits on one GPU (seconds, x CPU_FACTOR on --device cpu): `limit`, from what each step does (LIMIT_S, and
+BENCH_BUILD_S x methods x 2 builds for bench). Their sum for the default run is asserted <= MAX_TOTAL_S (one
+10-minute command on the GPU machine) by tests/launch/test_gpu_check.py.
 """
 
 from __future__ import annotations
@@ -36,16 +39,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 TRAIN_CONFIGS = ("ade20k", "cls", "coco", "voc")  # configs/cpu/<name>.yaml; base.yaml holds no task
-# One GPU, per step, seconds: start-up (imports, CUDA context, the deepspeed launcher) is most of each short step.
-BUDGET_S = {
-    "tests": 60,
-    **{f"shards-{c}": 8 for c in TRAIN_CONFIGS},       # 32: a few dozen 64-px images each
-    **{f"train-{c}": 35 for c in TRAIN_CONFIGS},       # 140: launcher + NCCL init + 20 steps + final eval
-    "bench-voc": 105,                                  # Swin-L, 10 methods, each built twice (memory, then time)
-    "bench-coco": 105,                                 # Swin-B, the same
-    **{f"bench-data-{c}": 9 for c in TRAIN_CONFIGS},   # 36
+FP16_CONFIG = "cls"  # DeepSpeed ZeRO-2 fp16 (what the cls, coco and voc recipes ship): trained, then resumed
+# Step limits on one GPU, in seconds, from what each step does (`limit`). They are estimates from reading, not
+# measurements: no GPU has run this yet; every step's JSON records its wall time, from which the first GPU run
+# should set them. Start-up (imports, the CUDA context, the deepspeed launcher, NCCL) is most of each short step.
+LIMIT_S = {
+    "tests": 80,             # pytest -m gpu: a dozen tests, each a few CUDA steps; one starts 2 processes
+    "shards": 6,             # a few dozen 64-px images
+    "train_start": 22,       # deepspeed launcher + NCCL + model build + final eval and checkpoint
+    "train_step": 0.5,       # one step of a configs/cpu task (64 px, batch 8)
+    "bench_start": 12,       # imports, CUDA context
+    "bench_data": 6,
 }
-CPU_FACTOR = 10  # a loaded 2-core CPU runs even the tiny sizes (and every start-up) several times slower
+# bench builds every method twice (memory, then time) and runs warm-up + steps on each build: seconds per build,
+# the random init of the backbone on the host included (Swin-L: 197M parameters).
+BENCH_BUILD_S = {"voc": 6.0, "coco": 5.0}
+MAX_TOTAL_S = 570  # the default run fits one 10-minute command on the GPU machine, with its start-up
+CPU_FACTOR = 15  # a loaded 2-core CPU runs even the tiny sizes (and every start-up, DeepSpeed's above all) much slower
 # bench's detectors by the data set they come from: the task name bench offers for it, backbone and size
 # (H x W, as `bench --img-size` reads it) at paper scale and with --tiny.
 BENCH = {
@@ -71,6 +81,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--steps must be >= 1, got {args.steps}")
     args.steps = args.steps or (2 if args.tiny else 20)
     return args
+
+
+def step_names() -> list[str]:
+    return ["tests", *(f"shards-{c}" for c in TRAIN_CONFIGS), *(f"train-{c}" for c in TRAIN_CONFIGS),
+            "train-fp16", "resume-fp16", *(f"bench-{b}" for b in BENCH), *(f"bench-data-{c}" for c in TRAIN_CONFIGS)]
+
+
+def limit(name: str, args: argparse.Namespace) -> float:
+    """Seconds `name` may run with these arguments (on one GPU; x CPU_FACTOR on cpu)."""
+    if name.startswith("bench-data-"):
+        seconds = LIMIT_S["bench_data"]
+    elif name.startswith("bench-"):
+        methods = len((args.methods or default_methods()).split(","))
+        seconds = LIMIT_S["bench_start"] + BENCH_BUILD_S[name[len("bench-"):]] * 2 * methods
+    elif name.startswith(("train-", "resume-")):
+        steps = 2 if name == "resume-fp16" else args.steps
+        seconds = LIMIT_S["train_start"] + LIMIT_S["train_step"] * steps
+    elif name.startswith("shards-"):
+        seconds = LIMIT_S["shards"]
+    else:
+        seconds = LIMIT_S[name]
+    return round(seconds * (1 if args.device == "cuda" else CPU_FACTOR), 1)
+
+
+def default_methods() -> str:
+    from mona_dist.bench.cli import DEFAULT_METHODS
+
+    return DEFAULT_METHODS
 
 
 def free_port() -> int:
@@ -100,7 +138,13 @@ def run_step(name: str, cmd: list[str], timeout_s: float, out: Path, env: dict[s
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         # own session: the deepspeed launcher's ranks and DataLoader workers die with it at the time limit
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                    start_new_session=True)
+        except OSError as err:  # recorded like any failed step; the next step still runs
+            f.write(f"could not start: {err}\n")
+            return {"step": name, "status": "failed", "rc": None, "wall_s": round(time.monotonic() - t0, 1),
+                    "budget_s": timeout_s, "command": cmd, "log": str(log), "note": f"could not start: {err}"}
         try:
             rc, status = proc.wait(timeout=timeout_s), None
         except subprocess.TimeoutExpired:
@@ -114,17 +158,27 @@ def run_step(name: str, cmd: list[str], timeout_s: float, out: Path, env: dict[s
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM to the step's process group, SIGKILL after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM to the step's process group, SIGKILL to what is left of it after `grace_s`: the deepspeed runner
+    exits on SIGTERM, but `deepspeed.launcher.launch` and the ranks may not (a rank waiting on a lock never reaches
+    the step boundary where it would stop), so the group is watched, not only its leader."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()  # reaps the leader, which would otherwise keep the group alive as a zombie
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, 0)
         except ProcessLookupError:
-            return
+            break
+        time.sleep(0.2)
+    else:
         try:
-            proc.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def log_tail(result: dict, lines: int = 3) -> str:
@@ -172,16 +226,28 @@ def shards_cmd(args: argparse.Namespace, name: str) -> list[str] | None:
             "--per-shard", "16", "--workers", "1", "--no-progress"]
 
 
-def train_cmd(args: argparse.Namespace, name: str) -> list[str]:
-    data, run = args.out / "data" / name / "shards", args.out / "train" / name
-    sets = {"output_dir": run, "train.max_steps": args.steps, "train.ckpt_interval": args.steps,
+def train_cmd(args: argparse.Namespace, name: str, run_name: str | None = None, precision: str = "bf16",
+              steps: int | None = None, extra: dict | None = None, resume: bool = False) -> list[str]:
+    data, run = args.out / "data" / name / "shards", args.out / "train" / (run_name or name)
+    steps = steps or args.steps
+    sets = {"output_dir": run, "train.max_steps": steps, "train.ckpt_interval": steps,
             "train.log_interval": 1, "monitor.progress_bar": "false", "data.train_shards": data / "train.index.json",
-            "data.val_shards": data / "val.index.json"}
+            "data.val_shards": data / "val.index.json", **(extra or {})}
     if args.device == "cuda":
-        sets.update({"engine.precision": "bf16", "data.pin_memory": "true"})
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [deepspeed, "--num_gpus", "1", "--master_port", str(free_port()), "launch/train.py",
-            "--config", f"configs/cpu/{name}.yaml", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+        sets.update({"engine.precision": precision, "data.pin_memory": "true"})
+    # The launcher as a module of this interpreter: where deepspeed is installed with `pip --target` and PYTHONPATH
+    # (the GPU machine, REFERENCE.md) there is no `deepspeed` script beside the interpreter.
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+            "launch/train.py", "--config", f"configs/cpu/{name}.yaml",
+            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], *(["--resume", "latest"] if resume else [])]
+
+
+def fp16_cmds(args: argparse.Namespace) -> dict[str, list[str]]:
+    """ZeRO-2 fp16: train and checkpoint, then resume from the checkpoint for 2 more steps."""
+    extra = {"engine.name": "deepspeed", "engine.zero_stage": 2, "train.eval_at_end": "false"}
+    return {"train-fp16": train_cmd(args, FP16_CONFIG, "fp16", "fp16", extra=extra),
+            "resume-fp16": train_cmd(args, FP16_CONFIG, "fp16", "fp16", steps=args.steps + 2, extra=extra,
+                                     resume=True)}
 
 
 def train_details(args: argparse.Namespace, name: str, result: dict) -> None:
@@ -190,6 +256,9 @@ def train_details(args: argparse.Namespace, name: str, result: dict) -> None:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         result["details"] = {"metrics_first": rows[0] if rows else None, "metrics_last": rows[-1] if rows else None,
                              "metrics": str(metrics)}
+        skipped = [r["skipped_steps"] for r in rows if "skipped_steps" in r]
+        if skipped:  # fp16: steps the loss scaler skipped on overflow
+            result["details"]["skipped_steps"] = skipped[-1]
 
 
 def bench_task(which: str) -> str | None:
@@ -262,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu_check: --device cuda, but no CUDA device is visible (use --device cpu --tiny on a CPU host)",
                   file=sys.stderr)
             return 2
-    factor = 1 if args.device == "cuda" else CPU_FACTOR
     env = child_env(args.device)
     results: list[dict] = []
 
@@ -276,28 +344,36 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     def skip(name: str, why: str) -> None:
-        record({"step": name, "status": "skipped", "rc": None, "wall_s": 0.0, "budget_s": BUDGET_S[name] * factor,
+        record({"step": name, "status": "skipped", "rc": None, "wall_s": 0.0, "budget_s": limit(name, args),
                 "command": None, "note": why})
 
     if selected(args, "tests"):
         cmd, test_env = test_step(args)
-        result = run_step("tests", cmd, BUDGET_S["tests"] * factor, args.out, test_env)
+        result = run_step("tests", cmd, limit("tests", args), args.out, test_env)
         test_details(args, result)
         record(result)
 
     for name in TRAIN_CONFIGS:  # the data every later step of this task reads
-        wanted = [s for s in (f"train-{name}", f"bench-data-{name}") if selected(args, s)]
+        wanted = [s for s in (f"train-{name}", f"bench-data-{name}", *(("train-fp16", "resume-fp16")
+                                                                       if name == FP16_CONFIG else ()))
+                  if selected(args, s)]
         if wanted or selected(args, f"shards-{name}"):
             cmd = shards_cmd(args, name)
             if cmd is None:
                 skip(f"shards-{name}", f"reused {args.out / 'data' / name}")
             else:
-                record(run_step(f"shards-{name}", cmd, BUDGET_S[f"shards-{name}"] * factor, args.out, env))
+                record(run_step(f"shards-{name}", cmd, limit(f"shards-{name}", args), args.out, env))
 
     for name in TRAIN_CONFIGS:
         if selected(args, f"train-{name}"):
-            result = run_step(f"train-{name}", train_cmd(args, name), BUDGET_S[f"train-{name}"] * factor, args.out, env)
+            result = run_step(f"train-{name}", train_cmd(args, name), limit(f"train-{name}", args), args.out, env)
             train_details(args, name, result)
+            record(result)
+
+    for step, cmd in fp16_cmds(args).items():
+        if selected(args, step):
+            result = run_step(step, cmd, limit(step, args), args.out, env)
+            train_details(args, "fp16", result)
             record(result)
 
     for which in BENCH:
@@ -309,14 +385,14 @@ def main(argv: list[str] | None = None) -> int:
             skip(step, f"`mona-dist bench --task` offers no {which} detector yet (choices tried: "
                        f"{', '.join(BENCH[which]['tasks'])})")
             continue
-        result = run_step(step, bench_cmd(args, which, task), BUDGET_S[step] * factor, args.out, env)
+        result = run_step(step, bench_cmd(args, which, task), limit(step, args), args.out, env)
         bench_details(args, which, result)
         record(result)
 
     for name in TRAIN_CONFIGS:
         step = f"bench-data-{name}"
         if selected(args, step):
-            result = run_step(step, bench_data_cmd(args, name), BUDGET_S[step] * factor, args.out, env)
+            result = run_step(step, bench_data_cmd(args, name), limit(step, args), args.out, env)
             bench_data_details(result)
             record(result)
 

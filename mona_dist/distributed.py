@@ -208,13 +208,26 @@ _STATE: DistState | None = None
 _PREVIOUS_ENV: dict[str, str | None] = {}  # what init_distributed overwrote, for shutdown() to put back
 
 
-def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistState:
+def process_group_backend(cuda: bool, cpu_collectives: bool = False) -> str:
+    """nccl on CUDA, gloo on CPU; "cuda:nccl,cpu:gloo" on CUDA when some collectives run on host tensors.
+
+    NCCL refuses CPU tensors. FSDP2 with CPU offload keeps shards and gradients on the host, so its gradient norm
+    and its gathers of the trainable weights run there: such a run reduces CUDA tensors over NCCL and host tensors
+    over gloo in one group (as torchtitan does).
+    """
+    if not cuda:
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
+
+
+def init_distributed(backend: str | None = None, timeout_s: int = 1800, cpu_collectives: bool = False) -> DistState:
     """Detect once, export the env:// variables, pick the device and join the process group (idempotent).
 
     Exports RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT because DeepSpeed and other
     libraries read those and nothing else (not SLURM's). LOCAL_RANK is exported as the CUDA index this rank uses,
     which DeepSpeed passes to `torch.cuda.set_device`: under `srun --gpus-per-task=1` every task sees one GPU,
-    cuda:0, whatever its SLURM_LOCALID. Backend: nccl when CUDA is available, else gloo.
+    cuda:0, whatever its SLURM_LOCALID. Backend: `process_group_backend` (`cpu_collectives`: the run also reduces
+    host tensors); under NCCL the group is bound to this rank's GPU (`device_id`).
     """
     global _STATE
     if _STATE is not None:
@@ -232,11 +245,17 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistS
     _PREVIOUS_ENV.update({k: os.environ.get(k) for k in exported})
     os.environ.update(exported)
     if state.distributed and not torch_dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        torch_dist.init_process_group(backend=backend, init_method="env://", rank=state.rank,
-                                      world_size=state.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        backend = backend or process_group_backend(device is not None, cpu_collectives)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # The env:// rendezvous, done here so that the GPU check can use its store before NCCL starts.
+        store, _, _ = next(torch_dist.rendezvous("env://", state.rank, state.world_size, timeout=timeout))
+        store.set_timeout(timeout)
         if device is not None:
-            _check_distinct_gpus(state, device)
+            _check_distinct_gpus(state, torch_dist.PrefixStore("mona_dist/gpus", store), gpu_uuid(device))
+        torch_dist.init_process_group(
+            backend=backend, store=torch_dist.PrefixStore("default_pg", store), rank=state.rank,
+            world_size=state.world_size, timeout=timeout,
+            device_id=torch.device("cuda", device) if device is not None and "nccl" in backend else None)
     _STATE = state
     return state
 
@@ -274,30 +293,48 @@ def gpu_collisions(devices: list[tuple[str, str]]) -> str | None:
     owner: dict[tuple[str, str], int] = {}
     for rank, key in enumerate(devices):
         if key in owner:
-            host, uuid = key
-            return (f"ranks {owner[key]} and {rank} on {host} both use GPU {uuid}: more ranks per node than GPUs "
-                    f"visible to them. Bind one GPU per task (srun --gpus-per-task=1) or start one rank per GPU")
+            return _shared_gpu(owner[key], rank, *key)
         owner[key] = rank
     return None
 
 
-def _check_distinct_gpus(state: DistState, device: int) -> None:
+def _shared_gpu(first: int, second: int, host: str, uuid: str) -> str:
+    return (f"ranks {first} and {second} on {host} both use GPU {uuid}: more ranks per node than GPUs visible to "
+            f"them. Bind one GPU per task (srun --gpus-per-task=1) or start one rank per GPU")
+
+
+def gpu_uuid(device: int) -> str:
+    import torch
+
+    return str(getattr(torch.cuda.get_device_properties(device), "uuid", device))
+
+
+def _check_distinct_gpus(state: DistState, store: Any, uuid: str, host: str | None = None) -> None:
     """Refuse, on every rank, a job where two ranks of one node would drive the same GPU.
 
-    NCCL would fail later with "Duplicate GPU detected" (or hang). The check runs over a short-lived gloo group
-    because an NCCL collective is exactly what cannot run yet.
+    NCCL would fail with "Duplicate GPU detected" (or hang). The check runs over the rendezvous store, which every
+    rank has already reached, before NCCL starts: no collective, and no new connection between ranks (a gloo group
+    opened for it waited for its 30-minute timeout where hostnames resolve to 127.0.1.1 or an unrouted interface).
+    Each rank counts itself under its (host, GPU) key; the last rank to arrive says so, and every rank then reads
+    whether any key was counted twice (rank 0, which hosts the store, waits until all have read it).
     """
     import socket
 
-    import torch
-    import torch.distributed as torch_dist
-
-    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", device))
-    group = torch_dist.new_group(backend="gloo")
-    devices: list[Any] = [None] * state.world_size
-    torch_dist.all_gather_object(devices, (socket.gethostname(), uuid), group=group)
-    torch_dist.destroy_process_group(group)
-    problem = gpu_collisions([tuple(d) for d in devices])
+    host = host or socket.gethostname()
+    key = f"{host}/{uuid}"
+    seat = store.add(key, 1)
+    store.set(f"{key}/{seat}", str(state.rank))
+    if seat > 1:
+        first = int(store.get(f"{key}/1"))
+        store.set("problem", _shared_gpu(min(first, state.rank), max(first, state.rank), host, uuid))
+    if store.add("arrived", 1) == state.world_size:
+        store.set("done", "1")
+    store.wait(["done"])
+    problem = store.get("problem").decode() if store.check(["problem"]) else None
+    if store.add("read", 1) == state.world_size:
+        store.set("all_read", "1")
+    if state.rank == 0:  # rank 0 hosts the store: it leaves only once every rank has read the answer
+        store.wait(["all_read"])
     if problem:
         raise ValueError(problem)
 

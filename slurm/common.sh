@@ -48,6 +48,10 @@ if [[ -z ${PYTHON:-} ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Slurm 22.05 stopped srun inheriting --cpus-per-task from sbatch (it reads SRUN_CPUS_PER_TASK instead): without
+# this a rank's step has one CPU per task, and where tasks are bound to their CPUs (task/affinity or cgroups with
+# --exact, which later releases imply) the rank and its loader workers share one core.
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}; fi
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-mona}-${SLURM_JOB_ID:-local}}
 
 mona_log() { echo "[$(date +%FT%T)] [slurm ${SLURM_JOB_ID:-local}.${SLURM_RESTART_COUNT:-0}] $*"; }

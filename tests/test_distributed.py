@@ -13,6 +13,7 @@ import pytest
 
 from mona_dist import distributed
 from mona_dist.distributed import DistState, detect, first_host, slurm_port, tasks_per_node
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -183,6 +184,59 @@ def test_two_ranks_of_one_node_on_the_same_gpu_are_named():
     assert "ranks 0 and 2 on n1 both use GPU GPU-a" in msg and "--gpus-per-task=1" in msg
 
 
+def test_gpu_check_uses_only_the_rendezvous_store():
+    """Issue 25, item 8: the duplicate-GPU check needs no process group (it used to open a gloo group, whose
+    connections between nodes can wait 30 minutes where a hostname resolves to an unrouted address): two ranks
+    that reached the rendezvous store, and no group, agree on it. Threads stand in for the ranks of one node."""
+    import threading
+
+    import torch.distributed as torch_dist
+
+    port = free_port()
+    stores = [torch_dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, wait_for_workers=False)
+              for rank in range(2)]
+
+    def check(uuids: list[str]) -> list[str | None]:
+        prefix = f"run-{'-'.join(uuids)}"
+        errors: list[str | None] = [None, None]
+
+        def rank_main(rank: int) -> None:
+            state = distributed.DistState(rank, rank, 2, 2, 0, "127.0.0.1", port, "torchrun")
+            try:
+                distributed._check_distinct_gpus(state, torch_dist.PrefixStore(prefix, stores[rank]), uuids[rank],
+                                                 host="n1")
+            except ValueError as err:
+                errors[rank] = str(err)
+
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads)
+        return errors
+
+    assert not torch_dist.is_initialized()
+    assert check(["GPU-a", "GPU-b"]) == [None, None]
+    shared = check(["GPU-a", "GPU-a"])  # both ranks refuse, with one line naming both
+    assert shared[0] == shared[1] and "ranks 0 and 1 on n1 both use GPU GPU-a" in shared[0] and "\n" not in shared[0]
+
+
+def test_fsdp_offload_on_cuda_joins_a_group_that_reduces_host_tensors():
+    """Issue 25, item 1: NCCL refuses the host tensors FSDP2's CPU offload reduces (gradient norm, gathers of the
+    trainable weights). No NCCL group can be made without a GPU; the backend string each run asks for is shown
+    here, and tests/test_gpu_paths.py runs the offloaded engine on CUDA."""
+    from mona_dist.config.schema import EngineConfig
+    from mona_dist.train.setup import host_collectives
+
+    offload = host_collectives(EngineConfig(name="fsdp", offload_params=True))
+    assert distributed.process_group_backend(cuda=True, cpu_collectives=offload) == "cuda:nccl,cpu:gloo"
+    for engine in (EngineConfig(name="fsdp"), EngineConfig(name="deepspeed", zero_stage=3, offload_params=True),
+                   EngineConfig(name="ddp")):
+        assert distributed.process_group_backend(cuda=True, cpu_collectives=host_collectives(engine)) == "nccl"
+    assert distributed.process_group_backend(cuda=False, cpu_collectives=offload) == "gloo"
+
+
 def test_cpu_accelerator_hides_the_gpus_the_deepspeed_launcher_exposes():
     # `deepspeed --num_gpus 2` sets CUDA_VISIBLE_DEVICES=0,1 for its ranks even with DS_ACCELERATOR=cpu
     env = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "0,1"}
@@ -206,6 +260,33 @@ def test_gpu_run_sets_the_device_it_exports(clean_rank_env):
 
     state = distributed.init_distributed()
     assert torch.cuda.current_device() == int(os.environ["LOCAL_RANK"]) == state.local_rank == 0
+
+
+GPU_WORKER = r"""
+from mona_dist import distributed as d
+try:
+    d.init_distributed(timeout_s=60)
+    print("JOINED", flush=True)
+except ValueError as err:
+    print("REFUSED " + str(err), flush=True)
+"""
+
+
+@pytest.mark.gpu
+def test_two_ranks_on_one_gpu_are_refused_before_nccl_starts():
+    """Issue 25, item 8, on the GPU machine: two ranks of one node that see the same single GPU both refuse in
+    one line, from the rendezvous store, before NCCL is started (bound to the GPU with device_id)."""
+    base = {k: v for k, v in os.environ.items() if k not in RANK_VARS and not k.startswith("SLURM_")}
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = base | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "0"}
+        procs.append(subprocess.Popen([sys.executable, "-c", GPU_WORKER], env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [proc.communicate(timeout=120)[0] for proc in procs]
+    for out in outs:
+        line = next((x for x in out.splitlines() if x.startswith(("REFUSED", "JOINED"))), out[-2000:])
+        assert line.startswith("REFUSED ranks 0 and 1 on ") and "--gpus-per-task=1" in line, out[-2000:]
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Where training memory goes, counted exactly: model state, saved activations, and the readings of the device.
 
 - `saved_activation_bytes`: every tensor autograd keeps for backward during a forward, via
-  `torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters excluded (they are model state).
+  `torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters excluded (they are model state)
+  by storage and by identity (ZeRO-3 and FSDP2 save the weights they gathered, in storages of their own).
 - `model_state_bytes`: parameters + gradients + optimizer state held by *this rank* (the ZeRO paper's "model
   state"): read from the tensors themselves, so ZeRO sharding and fp32 master copies show as they really are.
 - `zero_model_state_estimate`: the ZeRO paper's arithmetic for the same quantity, printed beside the measurement;
@@ -52,13 +53,23 @@ def saved_activation_bytes(
     too. Storages are held until the count is done, so memory freed mid-forward cannot be reused and counted twice.
     `storages`, if given, receives what was counted: (device, address) -> bytes.
     """
-    skip = {_storage_key(t) for t in exclude if t.numel() > 0}
+    exclude = list(exclude)
+    skip = {_storage_key(t) for t in exclude if _local(t).numel() > 0}
+    # ids of objects `exclude` keeps alive (an FSDP2 shard's local tensor is an attribute of its DTensor)
+    ids = {id(t) for t in exclude} | {id(t._local_tensor) for t in exclude if hasattr(t, "_local_tensor")}
     seen: dict[tuple[str, int], int] = {} if storages is None else storages
     held: list[torch.Tensor] = []
 
+    def is_parameter(t: torch.Tensor) -> bool:
+        """A parameter, or a view of one (`weight.t()` for a linear), by identity. Under ZeRO-3 the parameter is
+        gathered into the same object (its `ds_id` marks it) and under FSDP2 into an unsharded twin, both with
+        storages that are neither the shard nor any storage known before the forward."""
+        base = t._base if t._base is not None else t
+        return isinstance(base, nn.Parameter) or hasattr(base, "ds_id") or id(base) in ids
+
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
-        if key not in skip:
+        if key not in skip and not is_parameter(t):
             seen[key] = _storage_bytes(t)
             held.append(t)
         return t

@@ -89,17 +89,12 @@ def _device_rate(cfg: PipelineConfig, batches: list[dict], device: Optional[str]
     and their boxes, masks or label maps) on `device` (default: CUDA if present)."""
     import torch
 
+    from mona_dist.engine.base import move_batch  # as training moves them: the per-image draws stay on the host
+
     from .preprocess import DataPreprocessor
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pre = DataPreprocessor(cfg.mean, cfg.std).to(dev)
-
-    def move(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return obj.to(dev)
-        if isinstance(obj, dict):
-            return {k: move(v) for k, v in obj.items()}
-        return [move(v) for v in obj] if isinstance(obj, list) else obj
 
     def run(batch: dict) -> Any:
         if "targets" in batch:
@@ -108,7 +103,7 @@ def _device_rate(cfg: PipelineConfig, batches: list[dict], device: Optional[str]
             return pre.segmentation(batch)
         return pre(batch["images"], batch.get("img_sizes"), batch.get("jitter"))
 
-    moved = [move(b) for b in batches]
+    moved = [move_batch(b, dev) for b in batches]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     run(moved[0]), sync()  # warm-up
     t0 = time.perf_counter()

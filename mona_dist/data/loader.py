@@ -136,7 +136,9 @@ class _WorkerStream(IterableDataset):
                 break
             raw += 1
             state = torch.get_rng_state() if in_main else None  # don't disturb the trainer's RNG
-            torch.manual_seed(mix_seed(plan.augment_seed, raw))  # augmentation = f(stream position)
+            # augmentation = f(stream position). The CPU generator only: `torch.manual_seed` would also reseed every
+            # CUDA generator of the trainer (workers=0), making its dropout masks a function of the sample position.
+            torch.default_generator.manual_seed(mix_seed(plan.augment_seed, raw))
             try:
                 buffer.append(self.sample_fn(sample))
             except Exception as exn:  # noqa: BLE001 -- an undecodable sample is skipped, never fatal

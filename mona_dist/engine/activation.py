@@ -24,17 +24,3 @@ def enable_activation_checkpointing(model: nn.Module, units: list[tuple[nn.Modul
     for parent, attr in units:
         setattr(parent, attr, checkpoint_wrapper(getattr(parent, attr), checkpoint_impl=CheckpointImpl.NO_REENTRANT))
     return len(units)
-
-
-def block_units(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attr) of every transformer block of every Backbone in `model`, in forward order, whatever the
-    method (highway methods included) and whatever wraps a block already (activation checkpointing, compile).
-    The units FSDP shards one by one and torch.compile compiles one by one; empty for a model without a Backbone."""
-    from mona_dist.models import Backbone
-
-    units = []
-    for m in model.modules():
-        if isinstance(m, Backbone):
-            lists = [st.blocks for st in m.trunk.layers] if m.family == "swin" else [m.trunk.blocks]
-            units += [(blocks, str(j)) for blocks in lists for j in range(len(blocks))]
-    return units

@@ -1,8 +1,9 @@
 """torch.compile per block (`engine.compile`), as torchtitan compiles a transformer: each unit on its own.
 
-Units: every transformer block of a block method (Mona's two modules, LoRA, the adapters live inside it), and
-under the highway methods (e3va, mona_hw) every highway adapter plus each block's frozen `taps` pass. Blocks of
-one shape share their code, so timm's repeated blocks compile once per stage shape, not once per block.
+Units, which the backbone names (`Backbone.compile_units`): every transformer block of a block method (Mona's
+two modules, LoRA, the adapters live inside it), and under the highway methods (e3va, mona_hw) every highway
+adapter plus each block's frozen `taps` pass. Blocks of one shape share their code, so timm's repeated blocks
+compile once per stage shape, not once per block.
 
 Order, as in torchtitan: activation checkpointing wraps a block first (the compiled region then holds the
 checkpoint, which dynamo traces as one higher-order op), compile wraps that, and the engine wraps last: FSDP
@@ -28,27 +29,11 @@ from torch import nn
 RECOMPILE_LIMIT = 64
 
 
-def compile_units(model: nn.Module) -> tuple[list[tuple[nn.Module, str]], list[nn.Module]]:
-    """((parent, attr) of the modules to compile, blocks whose `taps` method to compile) for every Backbone."""
-    from mona_dist.engine.activation import block_units
-    from mona_dist.models import Backbone
-
-    modules, taps = [], []
-    for m in model.modules():
-        if not isinstance(m, Backbone):
-            continue
-        if m.highway is None:
-            modules += block_units(m)
-        else:
-            hw = m.highway
-            modules += [(mods, str(i)) for mods in (hw.attn_adapters, hw.mlp_adapters) for i in range(len(mods))]
-            taps += [getattr(parent, attr) for parent, attr in block_units(m)]
-    return modules, taps
-
-
 def compile_blocks(model: nn.Module) -> int:
     """Compile `model`'s units in place (see the module docstring); returns how many. Nothing is compiled here:
     each unit compiles at its first call, and again for each new input shape until dynamo marks it dynamic."""
+    from mona_dist.models import compile_units  # each backbone says what its units are (models/layout.py)
+
     modules, taps = compile_units(model)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for parent, attr in modules:

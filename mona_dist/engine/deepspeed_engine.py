@@ -8,6 +8,8 @@ read back through `SafeCheckpointEngine` (weights_only). Where that format is sh
 bf16 optimizer), rank 0 also writes `trainable_state.pt`: the whole fp32 master weights and Adam moments of the
 trainable parameters, gathered through DeepSpeed's `safe_get_full_*` API (PETL state is small). A resume on another
 world size loads that (`load_resharded`); the same world size loads DeepSpeed's own shards (bitwise).
+Gradients are reduced in fp32 under bf16/fp16 too (`communication_data_type`; DeepSpeed 0.19 would use the compute
+dtype), as FSDP (`reduce_dtype`) and DDP (fp32 masters) reduce them; the override file may set it back.
 """
 
 from __future__ import annotations
@@ -153,6 +155,9 @@ def deepspeed_config(cfg: EngineConfig, micro_batch_size: int, world_size: int, 
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        # Gradients are reduced in fp32 as under FSDP (reduce_dtype) and DDP (fp32 masters under autocast);
+        # DeepSpeed 0.19 would reduce them in the compute dtype. The override file may set "bf16" or "fp16".
+        "communication_data_type": "fp32",
         # We hand DeepSpeed an AdamW over the trainable parameters only (torch's, or DeepSpeedCPUAdam offloaded).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,

@@ -1,9 +1,9 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, gradients and AdamW state sharded over the ranks.
 
-As torchtitan applies it: `fully_shard` on each transformer block (after activation checkpointing and compile
-wrapped it, `activation.block_units`), then on the root model, whose group holds everything else (patch
-embedding, merges, output norms, highway adapters, neck and heads). Frozen weights are sharded like the trainable
-ones; only the trainable reach AdamW, so the frozen ones hold no gradient and no optimizer state.
+As torchtitan applies it: `fully_shard` on each transformer block (the backbone names them, `models.block_units`;
+activation checkpointing and compile wrapped them first), then on the root model, whose group holds everything
+else (patch embedding, merges, output norms, highway adapters, neck and heads). Frozen weights are sharded like
+the trainable ones; only the trainable reach AdamW, so the frozen ones hold no gradient and no optimizer state.
 
 - Mixed precision (`engine.precision: bf16 | fp16`): `MixedPrecisionPolicy` gathers the weights in the compute
   dtype, reduces gradients in fp32 and keeps the fp32 shards as the master weights the optimizer steps. Buffers
@@ -42,11 +42,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mona_dist.adapters.io import clean_name
 from mona_dist.config.schema import EngineConfig, OptimConfig
-from mona_dist.engine.activation import block_units
 from mona_dist.engine.base import DTYPES, Engine
 from mona_dist.engine.ddp_engine import needs_buffer_broadcast
 from mona_dist.engine.optim import build_adamw, param_groups
 from mona_dist.engine.precision import match_engine_dtype
+from mona_dist.models import block_units
 
 TAG = "engine"
 # Only the trainable tensors are saved: the frozen ones are rebuilt from the seed and the pretrained file (the

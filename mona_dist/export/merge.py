@@ -70,7 +70,7 @@ def merged_trunk(bb: Backbone) -> dict[str, torch.Tensor]:
         why = UNMERGEABLE.get(bb.method, "it adds modules that a timm model does not have")
         raise ValueError(f"method {bb.method!r} cannot be merged into a plain timm model: {why}; export without "
                          f"--merge writes the complete backbone file instead")
-    depth = len(bb.trunk.layers) if bb.family == "swin" else len(bb.trunk.blocks)
+    depth = bb.depth
     full = _full_depth(bb)
     if depth != full:
         raise ValueError(f"--merge needs the whole trunk: this backbone stops at output {bb.out_indices[-1]} of "
@@ -116,13 +116,13 @@ def _full_depth(bb: Backbone) -> int:
     spec = BACKBONES.get(bb.name)
     with torch.device("meta"):
         t = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
-    return len(t.layers if bb.family == "swin" else t.blocks)
+    return bb.layout.depth(t)
 
 
 def timm_head_kwargs(bb: Backbone) -> dict[str, object]:
     """What timm's classifier needs to compute a cls task's head: Swin pools the normed last stage (timm's default);
     ViT averages the normed patch tokens, which is timm's `global_pool='avg'` without its extra `fc_norm`."""
-    return {} if bb.family == "swin" else {"global_pool": "avg", "fc_norm": False}
+    return dict(bb.layout.timm_head_kwargs)
 
 
 def write_timm(bb: Backbone, path: str | Path, head: torch.nn.Linear | None = None,
@@ -131,7 +131,7 @@ def write_timm(bb: Backbone, path: str | Path, head: torch.nn.Linear | None = No
     notes for the user (output norms left out)."""
     sd = merged_trunk(bb)
     if head is not None:
-        name = "head.fc" if bb.family == "swin" else "head"
+        name = bb.layout.timm_head
         sd[f"{name}.weight"], sd[f"{name}.bias"] = head.weight.detach(), head.bias.detach()
     notes = []
     dropped = [i for i, n in zip(bb.out_indices[:-1], bb.out_norms[:-1])

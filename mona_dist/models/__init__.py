@@ -1,18 +1,26 @@
 """Backbones (timm Swin / ViT + a tuning method -> NCHW feature maps) and their pretrained weights."""
 
 from ..adapters.io import count_parameters
-from .backbone import BACKBONES, Backbone, BackboneSpec, build_backbone, build_backbone_from_adapter, checkpoint_units
+from .backbone import (BACKBONES, Backbone, BackboneSpec, backbones, block_units, build_backbone,
+                       build_backbone_from_adapter, checkpoint_units, compile_units)
+from .layout import LAYOUTS, TrunkLayout, layout_of
 from .pretrained import LoadReport, load_pretrained, read_checkpoint
 
 __all__ = [
     "BACKBONES",
+    "LAYOUTS",
     "Backbone",
     "BackboneSpec",
+    "TrunkLayout",
+    "backbones",
+    "block_units",
     "LoadReport",
     "build_backbone",
     "build_backbone_from_adapter",
     "checkpoint_units",
+    "compile_units",
     "count_parameters",
+    "layout_of",
     "load_pretrained",
     "read_checkpoint",
 ]

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from ..adapters import apply_method
-from ..adapters.blocks import SWIN_ARITHMETICS, family, set_swin_arithmetic
+from ..adapters.blocks import SWIN_ARITHMETICS, set_swin_arithmetic
 from ..registry import Registry
+from .layout import Unit, layout_of
 
 
 @dataclass(frozen=True)
@@ -77,20 +78,14 @@ class Backbone(nn.Module):
         if swin_arithmetic not in SWIN_ARITHMETICS:
             raise ValueError(f"swin_arithmetic must be one of {', '.join(SWIN_ARITHMETICS)}, got {swin_arithmetic!r}")
         self.name = name
-        self.family = family(trunk)
+        self.layout = layout_of(trunk)  # what the trunk is made of: the one place that walks it (layout.py)
+        self.family = self.layout.family
         # ViT has one arithmetic; the attribute still says which loading rules apply (pretrained.py).
         self.swin_arithmetic = swin_arithmetic if self.family == "swin" else "timm"
         self.method = None
         self.highway = None
-        if self.family == "swin":
-            dims = [st.blocks[0].dim for st in trunk.layers]
-            strides = [trunk.patch_embed.patch_size[0] * 2**i for i in range(len(dims))]
-            default = tuple(range(len(dims)))
-        else:
-            depth = len(trunk.blocks)
-            dims = [trunk.embed_dim] * depth
-            strides = [trunk.patch_embed.patch_size[0]] * depth
-            default = tuple((i + 1) * depth // 4 - 1 for i in range(4))
+        dims, strides = self.layout.dims(trunk), self.layout.strides(trunk)
+        default = self.layout.default_out_indices(len(dims))
         # Negative indices count from the end, as in Python: (-1,) is the last stage / block.
         out_indices = default if out_indices is None else tuple(i % len(dims) if i < 0 else i for i in out_indices)
         if not out_indices or sorted(set(out_indices)) != list(out_indices) or not 0 <= out_indices[-1] < len(dims):
@@ -99,10 +94,7 @@ class Backbone(nn.Module):
         self.out_channels = [dims[i] for i in out_indices]
         self.out_strides = [strides[i] for i in out_indices]
         # Stages/blocks after the last output would never run (and would be unused parameters under DDP).
-        if self.family == "swin":
-            trunk.layers = trunk.layers[: out_indices[-1] + 1]
-        else:
-            trunk.blocks = trunk.blocks[: out_indices[-1] + 1]
+        self.layout.keep_levels(trunk, out_indices[-1] + 1)
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
         if self.swin_arithmetic == "timm" and out_indices[-1] == len(dims) - 1 and isinstance(trunk.norm, nn.LayerNorm):
             self.out_norms[-1].load_state_dict(trunk.norm.state_dict())
@@ -116,37 +108,44 @@ class Backbone(nn.Module):
         # The trunk's own tensors (before any method adds some): what "the backbone loaded" is measured against.
         self.trunk_keys = frozenset(trunk.state_dict())
 
-    def _trunk_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        t, outs = self.trunk, []
-        x = t.patch_embed(images)
-        if self.family == "swin":
-            for s, stage in enumerate(t.layers):
-                x = stage(x)
-                if s in self.out_indices:
-                    outs.append(x)
-        else:
-            x = t.norm_pre(t.patch_drop(t._pos_embed(x)))
-            for i, blk in enumerate(t.blocks):
-                x = blk(x)
-                if i in self.out_indices:
-                    outs.append(x)
-        return outs
+    # -- units: what engines shard, checkpoint and compile, and what export and loading count ------------------
+    @property
+    def depth(self) -> int:
+        """Levels the trunk runs: stages (Swin) or blocks (ViT), those after the last output already dropped."""
+        return self.layout.depth(self.trunk)
+
+    def block_units(self) -> list[Unit]:
+        """(parent, attr) of every transformer block, in forward order, whatever the method (highway methods
+        included) and whatever wraps a block already (activation checkpointing, compile): what FSDP shards one by
+        one, and what torch.compile compiles one by one under the block methods."""
+        return self.layout.block_units(self.trunk)
+
+    def highway_units(self) -> list[Unit]:
+        """(parent, attr) of every highway adapter, attention taps' first (empty without a highway)."""
+        hw = self.highway
+        if hw is None:
+            return []
+        return [(mods, str(i)) for mods in (hw.attn_adapters, hw.mlp_adapters) for i in range(len(mods))]
+
+    def checkpoint_units(self) -> list[Unit]:
+        """What activation checkpointing wraps. Block methods: each block. Highway methods: the highway adapters
+        it names (the frozen trunk runs without grad and keeps nothing, so checkpointing it would only cost time)."""
+        return self.highway.checkpoint_units() if self.highway is not None else self.block_units()
+
+    def compile_units(self) -> tuple[list[Unit], list[nn.Module]]:
+        """(units torch.compile wraps, blocks whose `taps` method it compiles): the blocks under a block method;
+        the highway adapters plus every block's frozen `taps` pass under a highway method."""
+        if self.highway is None:
+            return self.block_units(), []
+        return self.highway_units(), [getattr(parent, attr) for parent, attr in self.block_units()]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if self.family == "vit":
-            ph, pw = self.trunk.patch_embed.patch_size
-            if images.shape[-2] % ph or images.shape[-1] % pw:
-                raise ValueError(f"ViT input {tuple(images.shape[-2:])} is not divisible by the patch size {ph}")
-        feats = self.highway(self.trunk, images) if self.highway is not None else self._trunk_features(images)
-        return [self._nchw(norm(f), images) for norm, f in zip(self.out_norms, feats)]
-
-    def _nchw(self, f: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        if f.dim() == 4:  # Swin: (B, H, W, C)
-            return f.permute(0, 3, 1, 2).contiguous()
-        ph, pw = self.trunk.patch_embed.patch_size
-        h, w = images.shape[-2] // ph, images.shape[-1] // pw
-        patches = f[:, self.trunk.num_prefix_tokens :]
-        return patches.transpose(1, 2).reshape(f.shape[0], f.shape[-1], h, w)
+        self.layout.check_input(self.trunk, images)
+        if self.highway is not None:
+            feats = self.highway(self.trunk, images)
+        else:
+            feats = self.layout.features(self.trunk, images, self.out_indices)
+        return [self.layout.to_nchw(self.trunk, norm(f), images) for norm, f in zip(self.out_norms, feats)]
 
 
 def build_backbone(
@@ -202,19 +201,26 @@ def build_backbone_from_adapter(path, pretrained: str | None = None, drop_path_r
     return bb
 
 
-def checkpoint_units(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every module that activation checkpointing should wrap in `model`.
+def backbones(model: nn.Module) -> list[Backbone]:
+    """Every Backbone in `model` (a backbone, a task model, a detector), in `modules()` order."""
+    return [m for m in model.modules() if isinstance(m, Backbone)]
 
-    Block methods: each transformer block. Highway methods: the highway adapters (the frozen trunk runs without
-    grad and keeps nothing, so checkpointing it would only cost time).
-    """
-    units = []
-    for m in model.modules():
-        if isinstance(m, Backbone):
-            if m.highway is not None:
-                units += m.highway.checkpoint_units()
-            elif m.family == "swin":
-                units += [(st.blocks, str(j)) for st in m.trunk.layers for j in range(len(st.blocks))]
-            else:
-                units += [(m.trunk.blocks, str(j)) for j in range(len(m.trunk.blocks))]
-    return units
+
+def block_units(model: nn.Module) -> list[Unit]:
+    """`Backbone.block_units` of every backbone in `model`; empty for a model without one."""
+    return [u for bb in backbones(model) for u in bb.block_units()]
+
+
+def checkpoint_units(model: nn.Module) -> list[Unit]:
+    """`Backbone.checkpoint_units` of every backbone in `model`: what activation checkpointing should wrap."""
+    return [u for bb in backbones(model) for u in bb.checkpoint_units()]
+
+
+def compile_units(model: nn.Module) -> tuple[list[Unit], list[nn.Module]]:
+    """`Backbone.compile_units` of every backbone in `model`, concatenated."""
+    modules, taps = [], []
+    for bb in backbones(model):
+        m, t = bb.compile_units()
+        modules += m
+        taps += t
+    return modules, taps

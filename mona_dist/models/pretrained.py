@@ -131,7 +131,7 @@ def to_backbone_names(sd: dict[str, torch.Tensor], bb) -> dict[str, torch.Tensor
         return dict(sd)  # already ours
     trunk = bb.trunk
     old_swin = bb.family == "swin" and "layers.0.downsample.reduction.weight" in sd
-    last = len(trunk.layers if bb.family == "swin" else trunk.blocks) - 1
+    last = bb.depth - 1
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if "relative_position_index" in k or "attn_mask" in k or k.startswith("head"):

@@ -69,8 +69,18 @@ class Task:
         """This rank's loader for `split` ("train" | "val"): the data package's streaming loader by default."""
         from mona_dist.data import build_loader
 
-        return build_loader(self.name, cfg.data, split, rank=dist.rank, world_size=dist.world_size,
-                            seed=cfg.train.seed)
+        loader = build_loader(self.name, cfg.data, split, rank=dist.rank, world_size=dist.world_size,
+                              seed=cfg.train.seed)
+        if split == "val" and dist.world_size > 1 and collective_forward(cfg) and loader.shards.counts is None:
+            # Without sample counts no padding batches can be planned (data/plan.py): ranks would run different
+            # numbers of eval forwards, each of which is collective here, and the rank with more would wait forever.
+            # Every rank reads the same spec, so every rank refuses.
+            engine = "ZeRO-3" if cfg.engine.name == "deepspeed" else "FSDP"
+            raise ValueError(f"data.val_shards {cfg.data.val_shards}: no index with sample counts, so ranks would run "
+                             f"unequal numbers of eval forwards, which hang under {engine} (every forward is "
+                             f"collective); write the val shards with `mona-dist shards` (an index), or evaluate on "
+                             f"one rank or under another engine")
+        return loader
 
     def evaluate(self, model: Callable[[Any], Any], loader: Any, dist: DistState) -> dict[str, float]:
         """Every rank evaluates its share; the returned "eval/<metric>" floats are valid on rank 0 (all ranks may
@@ -81,6 +91,12 @@ class Task:
     def batch_size(batch: Any) -> int:
         """Samples in a batch: `images` is a tensor (cls, seg) or a list of tensors (coco, voc)."""
         return len(batch["images"])
+
+
+def collective_forward(cfg: Config) -> bool:
+    """Whether every forward is a collective under this engine: ZeRO-3 and FSDP gather the weights in it (and FSDP
+    sends BatchNorm statistics before it)."""
+    return cfg.engine.name == "fsdp" or (cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3)
 
 
 def scored_batches(model: Callable[[Any], Any], loader: Iterable[Any]) -> Iterator[tuple[Any, Any]]:

@@ -78,8 +78,9 @@ def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: A
     `adapter_meta`: what adapter.safetensors says of the model (`mona_dist.adapters.io.adapter_metadata`)."""
     root = checkpoint_root(output_dir)
     final, partial = root / step_name(step), root / f".{step_name(step)}.partial"
-    if (final / "meta.json").is_file():
-        barrier()
+    # Rank 0 decides for all (as loading does): a rank that decided alone (a stale NFS lookup, a save right after
+    # the checkpoint step) would skip the collectives below that the others wait in.
+    if rank0_decides(dist, (final / "meta.json").is_file):
         return final
     if dist.is_main:
         shutil.rmtree(partial, ignore_errors=True)

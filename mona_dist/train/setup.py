@@ -14,7 +14,8 @@ import torch.distributed as tdist
 from mona_dist.adapters.io import adapter_metadata
 from mona_dist.config import Config
 from mona_dist.config.resolve import resolve_batch
-from mona_dist.distributed import DistState, init_distributed
+from mona_dist.config.schema import EngineConfig
+from mona_dist.distributed import DistState, init_distributed, process_group_backend
 from mona_dist.engine import Engine, build_engine
 from mona_dist.models.pretrained import loading_policy
 from mona_dist.tasks import TASKS, Task
@@ -25,7 +26,7 @@ from mona_dist.train.rng import seed_everything
 def start(cfg: Config) -> tuple[DistState, Config, Any, Task]:
     """Collective. The start-up every command that runs a task model shares (train, eval, predict): ranks, the
     resolved batch, the task's and DeepSpeed's config checks, the process group."""
-    dist = init_distributed()
+    dist = init_distributed(cpu_collectives=host_collectives(cfg.engine))
     cfg, batch_plan = resolve_batch(cfg, dist.world_size)  # micro-batch and accumulation from the global batch
     task = TASKS.get(cfg.task)
     task.check(cfg)
@@ -40,8 +41,13 @@ def start(cfg: Config) -> tuple[DistState, Config, Any, Task]:
 def join_group(dist: DistState, cfg: Config) -> None:
     """DeepSpeed and fairscale need a process group even for one rank: a private in-memory one does."""
     if cfg.engine.name != "ddp" and not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = process_group_backend(torch.cuda.is_available(), host_collectives(cfg.engine))
         tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+
+
+def host_collectives(engine: EngineConfig) -> bool:
+    """Whether the run reduces host tensors: FSDP2 with CPU offload (its shards and gradients live on the host)."""
+    return engine.name == "fsdp" and engine.offload_params
 
 
 def build_task_model(cfg: Config, task: Task) -> tuple[torch.nn.Module, list]:

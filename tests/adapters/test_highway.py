@@ -109,14 +109,24 @@ def test_frozen_highway_merges_are_the_backbone_reductions_and_cost_nothing():
 
 @pytest.mark.parametrize("method", ["e3va", "mona_hw", "mona", "lora"])
 def test_methods_apply_to_a_users_own_timm_model(method):
+    # Average pooling: the logits read every patch token. Read from the class token alone, they would not depend
+    # on what Mona's filters do to patch tokens in the last block (nor, for mona_hw, in any block: the highway
+    # never mixes tokens), so those parameters would rightly get no gradient.
     model = timm.create_model("vit_small_patch16_224", embed_dim=64, depth=2, num_heads=2, reg_tokens=4,
-                              num_classes=5, img_size=64)
+                              num_classes=5, img_size=64, global_pool="avg")
     apply_method(model, method)
     logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 5)
     logits.sum().backward()
-    assert any(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in trainable.values()), [n for n, p in trainable.items() if p.grad is None]
     assert model.pos_embed.grad is None
+    # Zero-initialised factors (LoRA's B, the highway's last factors) block the gradient of those before them at
+    # step 0 only: after one SGD step every trainable tensor gets a non-zero gradient.
+    torch.optim.SGD(trainable.values(), lr=0.1).step()
+    model.zero_grad()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert [n for n, p in trainable.items() if not p.grad.abs().sum() > 0] == []
 
 
 def test_the_highway_taps_follow_a_users_timm_swin_arithmetic():

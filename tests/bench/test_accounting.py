@@ -1,5 +1,6 @@
 """The memory accounting equals a hand count on small models."""
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -121,3 +122,56 @@ def test_frozen_linear_inputs_are_what_a_keep_every_input_rule_would_add():
     full_saved = frozen_linear_inputs(spec, "full", batch)[0]
     # BitFit's biases train, its weights do not: the linear inputs full keeps are the ones BitFit does not
     assert 0 < extra and saved + extra <= full_saved
+
+
+class FrozenMiddle(nn.Module):
+    """A trainable input layer, a frozen 1024x1024 Linear (4 MiB of fp32 weight that autograd keeps for the input
+    gradient), a trainable head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.frozen, self.head = nn.Linear(16, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 2)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, batch: dict) -> dict:
+        return {"loss": self.head(self.frozen(self.inp(batch["x"]))).pow(2).mean()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gathered_weights_are_not_activations_under_any_engine(monkeypatch):
+    """Issue 25, item 4: the frozen weight ZeRO-3 gathers into its parameter and FSDP2 into an unsharded twin was
+    counted as an activation (4.2 MB beside DDP's 8 KiB). DDP, ZeRO-0 and FSDP keep the same 8 KiB: the input
+    layer's input (2x16 fp32), the head's input (2x1024 fp32) and the loss's square's input (2x2 fp32). ZeRO-3
+    keeps the frozen layer's input too (2x1024 fp32): DeepSpeed replaces F.linear by its own autograd function,
+    which saves the input of every Linear, frozen or not."""
+    import torch.distributed as tdist
+
+    from mona_dist.config.schema import EngineConfig, OptimConfig
+    from mona_dist.engine import build_engine
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(key, value)
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    batch = {"x": torch.randn(2, 16)}
+    saved = {}
+    try:
+        for name, cfg in {"ddp": EngineConfig(name="ddp"), "fsdp": EngineConfig(name="fsdp"),
+                          "zero0": EngineConfig(name="deepspeed", zero_stage=0),
+                          "zero3": EngineConfig(name="deepspeed", zero_stage=3)}.items():
+            model = FrozenMiddle()
+            engine = build_engine(model, cfg, OptimConfig(), micro_batch_size=2, device=torch.device("cpu"))
+            for step in range(2):  # the second forward is the one counted, as bench counts a step after warm-up
+                count, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()))
+                engine.backward(loss)
+                engine.step()
+            saved[name] = count
+            engine.release()
+    finally:
+        tdist.destroy_process_group()
+    kept = (2 * 16 + 2 * 1024 + 2 * 2) * 4
+    assert saved == {"ddp": kept, "fsdp": kept, "zero0": kept, "zero3": kept + 2 * 1024 * 4}, saved

@@ -92,3 +92,12 @@ def test_shards_onto_a_full_disk_is_one_line_and_leaves_no_partial_shard(synth, 
             assert len(err) == 1 and re.fullmatch(
                 rf"mona-dist shards: error: no space left on device: {prefix}-00000\d\.tar \(0 MiB free\)", err[0]), err
             assert not [p for p in disk.rglob("*") if ".tmp" in p.name]  # no half-written shard or index
+
+
+def test_bench_data_moves_batches_as_training_does(synth, capsys):
+    """Issue 25, item 3: `--device cuda` sent the per-image draws (photometric, flips, jitter) to the device, where
+    the preprocessor, reading them on the host, refused them. The `meta` device shows it on CPU."""
+    spec = os.path.join(synth("ade20k"), "shards", "train.index.json")
+    assert main(["bench-data", "--shards", spec, "--task", "seg", "--workers", "0", "--batches", "2",
+                 "--batch-size", "2", "--device", "meta", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "meta"

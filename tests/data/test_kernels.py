@@ -16,12 +16,17 @@ def smooth_image(h: int = 48, w: int = 64) -> torch.Tensor:
 
 
 def test_bilinear_resize_matches_torchvision():
-    image = smooth_image()
+    # Noise: every output pixel depends on where its sample falls, so other sampling grids (align_corners=True,
+    # measured 31-81 levels off here) and antialiasing (86 levels off at 48 -> 30) cannot pass; a linear ramp
+    # resamples to itself under all of them. Shrinking by less than half is plain bilinear (kernels.py), so the
+    # reference is torchvision without antialias (the same thing for the two enlargements).
+    image = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for size in ([60, 80], [96, 128], [30, 50]):  # up, up 2x, down by less than half
         ours = kernels.resize_image(image, size).float()
-        want = F.resize(image, size, antialias=True).float()
+        want = F.resize(image, size, antialias=False).float()
         assert ours.shape == want.shape
-        assert (ours - want).abs().max() <= 2, size  # both bilinear with half-pixel centres; rounding differs
+        # both bilinear with half-pixel centres; OpenCV's fixed-point weights round apart by at most one level
+        assert (ours - want).abs().max() <= 1, size
 
 
 def test_strong_shrinking_goes_through_the_antialiased_resize():

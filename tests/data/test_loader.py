@@ -211,3 +211,22 @@ def test_layout_change_starts_the_next_epoch(synth):
     b = key_loader(spec, workers=0, world_size=2)
     b.load_state_dict(a.state_dict())
     assert b.epoch == 1 and b.position == 0
+
+
+def test_workers_0_seeds_only_the_cpu_generator(synth, monkeypatch):
+    """In the trainer's process (workers=0) the per-sample augmentation seed must not reach the CUDA generators:
+    `torch.manual_seed` calls `torch.cuda.manual_seed_all` (lazily queued on a CPU host), which would make the
+    trainer's dropout masks on a GPU a function of the sample position (issue 25, item 10). On CPU this shows that
+    the call is not made; tests/test_gpu_paths.py checks the CUDA generator's state itself."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    cfg = cls_config(synth, workers=0)
+    torch.manual_seed(123)
+    calls.clear()
+    before = torch.get_rng_state()
+    loader = build_loader("cls", cfg, "train", rank=0, world_size=1, seed=7)
+    again = build_loader("cls", cfg, "train", rank=0, world_size=1, seed=7)
+    first, second = next(iter(loader)), next(iter(again))
+    assert calls == []
+    assert torch.equal(torch.get_rng_state(), before)  # the trainer's CPU stream is untouched too
+    assert torch.equal(first["images"], second["images"])  # augmentation is still a function of the position

@@ -65,7 +65,11 @@ def run_methods(rank: int, world_size: int, port: int, variants: list[dict], out
         model = classifier(spec["method"], **spec.get("options", {}))
         frozen0, trainable0 = frozen_and_trainable(model)
         engine = build_engine(model, cfg, OPTIM, micro_batch_size=2, world_size=world_size)
-        r = {"losses": steps(engine, rank, 0, 4), "grad_norm": float(engine.grad_norm)}
+        r = {"losses": [], "scales": []}  # scales: the fp16 loss scale after each step (None without a scaler)
+        for step in range(4):
+            r["losses"] += steps(engine, rank, step, 1)
+            r["scales"].append(float(engine.scaler.get_scale()) if getattr(engine, "scaler", None) else None)
+        r["grad_norm"] = float(engine.grad_norm)
         frozen1, trainable1 = full_weights(model)
         r["frozen_same"] = sorted(frozen0) == sorted(frozen1) and all(torch.equal(frozen0[k], frozen1[k])
                                                                       for k in frozen0)
@@ -76,6 +80,8 @@ def run_methods(rank: int, world_size: int, port: int, variants: list[dict], out
         r["n_trainable"] = len(trainable0)
         r["exported"] = engine.trainable_weights()  # collective
         r["optimizer_params"] = sum(len(g["params"]) for g in engine.optimizer.param_groups)
+        # steps AdamW took (one the fp16 scaler skips is not counted)
+        r["optimizer_steps"] = max((int(st["step"]) for st in engine.optimizer.state.values()), default=0)
         if spec.get("resume"):
             ckpt = Path(out).parent / f"ckpt-{i}"
             if rank == 0:

@@ -64,10 +64,20 @@ def test_our_engine_survives_a_rebuilt_world(one_rank_env):
     cfg, optim = EngineConfig(name="deepspeed", zero_stage=1), OptimConfig(lr=1e-3)
     for _ in range(2):  # two runs in one process, the group left and joined again in between
         new_world()
-        engine = build_engine(nn.Sequential(nn.Linear(4, 4)), cfg, optim, micro_batch_size=2)
+        model = nn.Sequential(nn.Linear(4, 4))
+        engine = build_engine(model, cfg, optim, micro_batch_size=2)
+        before = [p.detach().clone() for p in model.parameters()]
         loss = engine.module(torch.ones(2, 4)).sum()
         engine.backward(loss)
         engine.step()
+        # the step changed every weight (AdamW's first step moves each by about lr)
+        assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        # and the groups its engine and ZeRO optimizer reduce over are of this world: torch knows them, they reduce
+        for group in (engine.ds.data_parallel_group, engine.ds.optimizer.dp_process_group):
+            assert tdist.get_global_rank(group, 0) == 0 and tdist.get_world_size(group) == 1
+            t = torch.full((1,), 3.0)
+            tdist.all_reduce(t, group=group)
+            assert t.item() == 3.0
 
 
 @pytest.mark.slow

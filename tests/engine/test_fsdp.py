@@ -84,8 +84,18 @@ def test_bf16_policy_follows_ddp_autocast(results):
 
 @pytest.mark.slow
 def test_fp16_scaler_skips_the_overflowing_first_steps_and_learns(results):
-    losses = results["mona-fsdp-fp16"]["losses"]
+    r = results["mona-fsdp-fp16"]
+    losses = r["losses"]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    # The scale starts at 2**16 and halves at each step whose gradients overflow; that step is skipped (the
+    # scale would grow only after 2000 clean steps). The first steps overflow, and then the scale holds: so at
+    # least one step was skipped and at least one taken.
+    assert None not in r["scales"], "fp16 without a loss scaler"
+    scales = [2.0**16] + r["scales"]
+    halved = [b == a / 2 for a, b in zip(scales, scales[1:])]
+    assert all(h or b == a for h, a, b in zip(halved, scales, scales[1:])), scales
+    assert halved[0] and not halved[-1], scales
+    assert r["optimizer_steps"] == halved.count(False) >= 1, (r["optimizer_steps"], scales)
 
 
 @pytest.mark.slow

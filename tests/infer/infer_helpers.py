@@ -56,3 +56,33 @@ def final_eval(output_dir: Path) -> dict:
     recs = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in recs if any(k.startswith("eval/") for k in r)][-1]
     return {k: v for k, v in last.items() if k.startswith("eval/")}
+
+
+def assert_restores_the_saved_state(config: Path) -> dict:
+    """What eval and predict restore (`mona_dist.infer.restore`) is what the run saved in its last checkpoint, not
+    a freshly built model: every trainable tensor equals adapter.safetensors and every persistent buffer (the
+    heads' BatchNorm statistics) buffers.pt. Returns the saved buffers by name."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mona_dist.config import load_config
+    from mona_dist.distributed import leave
+    from mona_dist.infer.restore import restore
+    from mona_dist.serialization import safe_torch_load
+    from mona_dist.train.buffers import persistent_buffers
+
+    ckpt = config.parent / "run" / "checkpoints" / "latest"
+    weights, buffers = load_file(str(ckpt / "adapter.safetensors")), safe_torch_load(ckpt / "buffers.pt")
+    try:
+        engine = restore(load_config(config), "latest").engine
+        restored, live = engine.trainable_weights(), persistent_buffers(engine.model)
+    finally:
+        leave(wait_for_peers=False)
+    # (plain asserts: pytest rewrites them in test modules only, so each says what differs)
+    assert weights and restored.keys() == weights.keys(), sorted(restored.keys() ^ weights.keys())
+    differ = [k for k, t in weights.items() if not torch.equal(restored[k], t)]
+    assert not differ, f"restored trainable tensors differ from the saved ones: {differ}"
+    assert live.keys() == buffers.keys(), sorted(live.keys() ^ buffers.keys())
+    differ = [k for k, t in buffers.items() if not torch.equal(live[k], t)]
+    assert not differ, f"restored buffers differ from the saved ones: {differ}"
+    return buffers

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mona_dist.cli import main
-from infer_helpers import REPO, final_eval, run_config
+from infer_helpers import REPO, assert_restores_the_saved_state, final_eval, run_config
 from ports import free_port
 
 
@@ -31,6 +31,7 @@ def test_cls_eval_equals_the_runs_final_eval(tmp_path, trained):
     assert eval_metrics(tmp_path / "ev") == want  # exact
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "ev" / "tb").iterdir())
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written into the run
+    assert_restores_the_saved_state(config)  # the trained weights, not a fresh model's (4 classes: top-5 is 1.0)
 
 
 def test_seg_eval_equals_the_runs_final_eval_with_the_heads_batchnorm(tmp_path, trained):
@@ -40,6 +41,10 @@ def test_seg_eval_equals_the_runs_final_eval_with_the_heads_batchnorm(tmp_path, 
     assert main(["eval", "--config", str(config), "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev")]) == 0
     want = final_eval(config.parent / "run")
     assert "eval/mIoU" in want and eval_metrics(tmp_path / "ev") == want
+    buffers = assert_restores_the_saved_state(config)
+    # the statistics are the run's, not a fresh BatchNorm's (mean 0, variance 1)
+    means = [t for k, t in buffers.items() if k.endswith(".running_mean")]
+    assert means and all(t.abs().sum() > 0 for t in means)
 
 
 def test_eval_bad_inputs_are_one_line(tmp_path, infer_shards, capsys):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mona_dist.cli import main
-from infer_helpers import final_eval
+from infer_helpers import assert_restores_the_saved_state, final_eval
 
 
 def predict(config: Path, images: str, out: Path, *extra: str) -> None:
@@ -31,7 +31,7 @@ def test_cls_top5_json_and_bars_and_the_runs_accuracy(tmp_path, trained):
     src = source(config) / "val"
     predict(config, str(src / "*" / "*.jpg"), tmp_path)
     index = json.loads((tmp_path / "images.json").read_text())
-    assert len(index) == 6
+    assert len(index) == 24
     hits = 0
     for entry in index:
         rows = json.loads((tmp_path / f"{entry['name']}.json").read_text())
@@ -43,6 +43,7 @@ def test_cls_top5_json_and_bars_and_the_runs_accuracy(tmp_path, trained):
         assert Image.open(tmp_path / f"{entry['name']}.vis.png").size[1] >= 224
     # the same resize, crop and normalisation as the eval pipeline: the same top-1 as the run's final eval
     assert hits / len(index) == final_eval(config.parent / "run")["eval/top1"]
+    assert_restores_the_saved_state(config)  # from the trained weights (the run's eval is of those)
 
 
 def test_seg_label_maps_at_the_source_size_score_the_runs_miou(tmp_path, trained):
@@ -69,6 +70,7 @@ def test_seg_label_maps_at_the_source_size_score_the_runs_miou(tmp_path, trained
     assert main(["eval", "--config", str(config), "--set", "data.eval_batch_size=1", "--out", str(tmp_path / "ev")]) == 0
     want = {k: v for k, v in json.loads((tmp_path / "ev" / "metrics.json").read_text()).items() if k.startswith("eval/")}
     assert areas_to_metrics(areas) == pytest.approx(want, abs=1e-9)
+    assert_restores_the_saved_state(config)  # predict and eval restore alike: that must be the run's state
 
 
 def test_coco_results_load_with_pycocotools(tmp_path, trained):

@@ -152,11 +152,14 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def write_conf(root: Path, ctld_port: int, node_ports: list[int]) -> Path:
+def write_conf(root: Path, ctld_port: int, node_ports: list[int], bind_cpus: bool = False) -> Path:
+    """`bind_cpus`: the machine's real CPUs and task/affinity, which binds each task to the CPUs its step gives it
+    (as clusters do); otherwise 8 declared CPUs and task/none."""
     host = socket.gethostname().split(".")[0]  # slurmctld only starts where its own short name matches
+    cpus = len(os.sched_getaffinity(0)) if bind_cpus else CPUS_PER_NODE
     nodes = "\n".join(
-        f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs={CPUS_PER_NODE} Boards=1 "
-        f"SocketsPerBoard=1 CoresPerSocket={CPUS_PER_NODE} ThreadsPerCore=1 RealMemory={REAL_MEMORY_MB} State=UNKNOWN"
+        f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs={cpus} Boards=1 "
+        f"SocketsPerBoard=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={REAL_MEMORY_MB} State=UNKNOWN"
         for n, p in zip(NODES, node_ports)
     )
     conf = f"""\
@@ -180,7 +183,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroups in containers/VMs here: track processes through /proc, bind nothing.
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin={'task/affinity' if bind_cpus else 'task/none'}
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
@@ -245,8 +248,9 @@ def _daemon(root: Path, name: str, argv: list[str]) -> int:
     return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True).pid
 
 
-def start(root: str | Path, timeout: float = 90) -> SlurmCluster:
-    """Install if needed, write the config, start munged + slurmctld + 2 slurmd, wait until both nodes are idle."""
+def start(root: str | Path, timeout: float = 90, bind_cpus: bool = False) -> SlurmCluster:
+    """Install if needed, write the config, start munged + slurmctld + 2 slurmd, wait until both nodes are idle.
+    `bind_cpus`: see `write_conf`."""
     root = Path(root).resolve()
     ensure_installed()
     ensure_hosts()
@@ -257,7 +261,7 @@ def start(root: str | Path, timeout: float = 90) -> SlurmCluster:
     for sub in ("state", "run", "log", *(f"spool/{n}" for n in NODES)):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ports = _free_ports(1 + len(NODES))
-    conf = write_conf(root, ports[0], ports[1:])
+    conf = write_conf(root, ports[0], ports[1:], bind_cpus)
     pids: dict[str, int] = {}
     try:
         pids["munged"] = _start_munged(root)

@@ -62,6 +62,14 @@ def test_perfect_predictions_score_100_and_wrong_or_none_score_0():
     # half the objects found: strictly between
     half = coco_metrics(gt, [r for r in results if r["image_id"] == 1])
     assert 0.0 < half["eval/bbox_AP"] < 100.0
+    # COCOeval's AP is the mean over categories (and IoU thresholds 0.5:0.95) of the precision interpolated at the
+    # 101 recall points 0, 0.01, ..., 1. Image 1's two objects are found exactly, image 2's one (category 7) is not.
+    # Category 3: its one object found, precision 1 at every recall point: 1. Category 7: one of its two objects
+    # found (score 1), so precision 1 up to recall 0.5 (points 0..0.50, 51 of 101) and 0 beyond: 51/101. Boxes and
+    # masks are exact, so the same at every IoU threshold and for both.
+    want = 100 * (1 + 51 / 101) / 2
+    for key in ("eval/bbox_AP", "eval/bbox_AP50", "eval/bbox_AP75", "eval/segm_AP", "eval/segm_AP50", "eval/segm_AP75"):
+        assert half[key] == pytest.approx(want, rel=1e-9), key
 
 
 def test_the_coco_task_builds_the_official_cascade_mask_rcnn():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -23,11 +26,18 @@ def test_only_the_current_gpus_generator_is_saved_and_restored(monkeypatch):
     assert len(restored) == 1 and torch.equal(restored[0], saved_state)
 
 
-def test_a_cpu_resume_of_a_gpu_checkpoint_ignores_the_gpu_state():
+def test_a_cpu_resume_of_a_gpu_checkpoint_ignores_the_gpu_state(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU resume, on any machine
+    # torch queues a CUDA state set without CUDA for later (no error): it must not be called at all
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a, **k: pytest.fail("restored a GPU state on the CPU"))
     state = rng.rng_state() | {"cuda_device": torch.zeros(16, dtype=torch.uint8)}
     before = torch.get_rng_state()
-    rng.set_rng_state(state)  # no CUDA here: nothing to restore it into, and no error
+    # the run draws on after its save: the restore must bring back every CPU generator, not merely leave them be
+    want = (torch.rand(4), random.random(), np.random.rand(4))
+    rng.set_rng_state(state)  # nothing to restore the GPU state into, and no error
     assert torch.equal(torch.get_rng_state(), before)
+    got = (torch.rand(4), random.random(), np.random.rand(4))
+    assert torch.equal(got[0], want[0]) and got[1] == want[1] and np.array_equal(got[2], want[2])
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -49,6 +50,12 @@ def test_run_writes_metrics_tensorboard_config_checkpoints_and_adapter(tmp_path,
     assert [r["step"] for r in logged] == [1, 4, 6]
     assert all(r["mem_bytes"] > 0 and r["samples_per_s"] > 0 and r["step_time_s"] > 0 for r in logged)
     assert steps[0]["lr"] < steps[-1]["lr"] or steps[0]["lr"] != steps[-1]["lr"]  # the schedule moves
+    # and as configured (cls.yaml: lr 2e-3, cosine over 6 steps, warm-up 5 from ratio 1e-3), step s running with
+    # the lr of k = s - 1 completed steps (mmcv's runner.iter):
+    #   lr(k) = 2e-3 * (1 + cos(pi * k / 6)) / 2 * (1 - (1 - k / 5) * (1 - 1e-3) if k < 5 else 1)
+    want = [2e-3 * (1 + math.cos(math.pi * k / 6)) / 2 * (1 - (1 - k / 5) * (1 - 1e-3) if k < 5 else 1.0)
+            for k in range(6)]
+    assert [r["lr"] for r in steps] == pytest.approx(want, rel=1e-9)
     evals = [r for r in recs if "eval/top1" in r]
     assert len(evals) == 1 and evals[0]["step"] == 6 and evals[0]["eval/samples"] == 16
     assert 0.0 <= evals[0]["eval/top1"] <= evals[0]["eval/top5"] <= 1.0
@@ -201,4 +208,15 @@ def test_zero3_with_parameter_and_optimizer_offload_matches_ddp(tmp_path, cls_sh
     ddp, zero3 = step_losses(tmp_path / "ddp" / "run"), step_losses(tmp_path / "z3" / "run")
     assert list(zero3.values()) == pytest.approx(list(ddp.values()), rel=1e-4)
     model = TASKS.get("cls").build_model(load_config(z3))
+    initial = {k: v.clone() for k, v in trainable_state_dict(model).items()}
     load_adapter(model, tmp_path / "z3" / "run" / "checkpoints" / "latest" / "adapter.safetensors")  # every tensor
+    # whole: every trainable tensor, at its full shape, holding the trained values (DDP's after the same 3 steps;
+    # DeepSpeed's CPU Adam rounds apart from torch's AdamW), not the model's initial ones
+    from safetensors.torch import load_file
+
+    want = load_file(str(tmp_path / "ddp" / "run" / "checkpoints" / "latest" / "adapter.safetensors"))
+    got = trainable_state_dict(model)
+    assert got.keys() == want.keys() == initial.keys()
+    for k, t in got.items():
+        torch.testing.assert_close(t, want[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert sum(not torch.equal(t, initial[k]) for k, t in got.items()) > len(got) // 2  # the steps moved them
