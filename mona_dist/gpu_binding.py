@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from mona_dist.distributed import DistState
+
+class Seat(Protocol):
+    """Where a rank sits (a `distributed.DistState`; this module imports nothing of mona_dist)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
 
 
 def hide_cuda_under_cpu_accelerator(env: MutableMapping[str, str] | None = None) -> bool:
@@ -65,7 +72,7 @@ def gpu_uuid(device: int) -> str:
     return str(getattr(torch.cuda.get_device_properties(device), "uuid", device))
 
 
-def check_distinct_gpus(state: DistState, store: Any, uuid: str, host: str | None = None) -> None:
+def check_distinct_gpus(state: Seat, store: Any, uuid: str, host: str | None = None) -> None:
     """Refuse, on every rank, a job where two ranks of one node would drive the same GPU.
 
     NCCL would fail with "Duplicate GPU detected" (or hang). The check runs over the rendezvous store, which every
