@@ -56,16 +56,17 @@ def train(cfg: Config, resume: str | None = None) -> int:
 def _train(cfg: Config, written: Config, batch_plan: Any, task: Task, dist: DistState, run: Any,
            preemption: PreemptionFlag) -> int:
     training, schedule = _set_up(cfg, written, batch_plan, task, dist, run)
-    engine, batches, accum = training.engine, endless(training.loader), cfg.engine.grad_accum
+    resolved = training.cfg  # with the run's length in steps (train.epochs resolved)
+    engine, batches, accum = training.engine, endless(training.loader), resolved.engine.grad_accum
     engine.train(True)
     training.meter.begin()
     at = training.step + 1  # the step being run, saved or evaluated: what a failure's message names
     try:
-        while training.step < cfg.train.max_steps:
+        while training.step < resolved.train.max_steps:
             at = training.step + 1
             engine.set_lr(schedule(training.step))
             result = run_step(engine, batches, accum, training.meter, task, preemption)
-            if result.nonfinite and cfg.train.nan_policy == "stop":
+            if result.nonfinite and resolved.train.nan_policy == "stop":
                 return training.stop_nonfinite()
             training.apply(result)
             exit_code = training.after_step(result.preempted)
