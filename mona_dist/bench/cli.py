@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mona_dist.cli import DefaultsFormatter
+from mona_dist.cli_args import DefaultsFormatter
 
 DEFAULT_METHODS = "full,fixed,mona,mona_hw,e3va,lora,adapter,adaptformer,lorand,bitfit"
 

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mona_dist.cli import DefaultsFormatter, add_run_arguments
+from mona_dist.cli_args import DefaultsFormatter, add_run_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:

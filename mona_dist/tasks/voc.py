@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.preprocess import DataPreprocessor, resize_target
 from ..models import BACKBONES
-from .base import Task, register_task
-from .heads import class_count
+from .base import register_task
+from .dense import DenseTask
 from .heads.mmdet_detector import MMDetDetector, backbone_config, build_detector, gather_to_main, predict_dataset
 
 
@@ -187,22 +187,11 @@ def evaluate_voc(model, loader, num_classes: int, iou_thresh: float = 0.5) -> di
 
 
 @register_task("voc")
-class VocTask(Task):
+class VocTask(DenseTask):
     """Pascal VOC detection; `model.num_classes` defaults to the train shards' class list."""
 
     head_options = VocHeadOptions
-
-    def check(self, cfg) -> None:
-        super().check(cfg)
-        class_count(cfg)
-
-    def build_model(self, cfg) -> MMDetDetector:
-        m = cfg.model
-        return build_retinanet(
-            m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
-            drop_path_rate=m.drop_path_rate, out_indices=m.out_indices, method_options=m.method_options,
-            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg),
-        )
+    builder = staticmethod(build_retinanet)
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:
         classes = loader.shards.classes
