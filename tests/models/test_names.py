@@ -87,6 +87,22 @@ def test_timm_weights_load_whole_and_give_timms_features(name, tmp_path):
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 
+def test_weights_by_timm_tag_for_a_name_never_registered(tmp_path, monkeypatch):
+    """`model.pretrained: deit_tiny_patch16_224.fb_in1k` resolves through timm's pretrained_cfg to its hub repo,
+    read here from an offline cache laid out as huggingface_hub's (tests/models/test_hub.py)."""
+    from test_hub import _cache_repo
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(1)
+    sd = {k: v.contiguous() for k, v in timm.create_model("deit_tiny_patch16_224").state_dict().items()}
+    _cache_repo(tmp_path / "hub", "timm/deit_tiny_patch16_224.fb_in1k", {"model.safetensors": sd})
+    bb = build_backbone("deit_tiny_patch16_224", "mona", pretrained="deit_tiny_patch16_224.fb_in1k")
+    assert torch.equal(bb.trunk.pos_embed, sd["pos_embed"]) and torch.equal(bb.out_norms[-1].weight, sd["norm.weight"])
+
+
 @pytest.mark.parametrize("name,cls", sorted(UNSUPPORTED.items()))
 def test_an_unsupported_family_is_one_line_naming_it_and_what_is_supported(name, cls):
     with pytest.raises(ValueError) as err:
