@@ -194,13 +194,12 @@ def _grid_state(trunk: nn.Module) -> GridState:
         trunk._petl_grid = state
 
         def record(module, inputs, out):
-            # dynamic_img_size keeps (B, H, W, C); otherwise the grid is the input size over the patch size.
+            # dynamic_img_size keeps (B, H, W, C); otherwise timm's own grid for the input size (a hybrid ViT's
+            # CNN stem has a stride other than its `patch_size`: dynamic_feat_size counts it).
             if out.dim() == 4:
                 state.hw = (out.shape[1], out.shape[2])
             else:
-                h, w = inputs[0].shape[-2:]
-                ph, pw = module.patch_size
-                state.hw = (h // ph, w // pw)
+                state.hw = tuple(module.dynamic_feat_size(tuple(inputs[0].shape[-2:])))
 
         trunk.patch_embed.register_forward_hook(record)
     return state

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.preprocess import DataPreprocessor
-from ..models import BACKBONES, build_backbone
+from ..models import backbone_spec, build_backbone
 from . import mmcv_compat
 from .base import register_task, scored_batches, unwrap
 from .dense import DenseTask
@@ -59,7 +59,7 @@ def segmentor_config(
     swin_arithmetic: str = "official",
 ) -> ConfigDict:
     """The mmseg `EncoderDecoder` config: what one would write in an mmseg config file."""
-    family = "swin" if BACKBONES.get(backbone).timm_name.startswith("swin") else "vit"
+    family = backbone_spec(backbone).family
     bb_cfg = dict(
         type="MonaSwin" if family == "swin" else "MonaViT",
         arch=backbone,

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.preprocess import DataPreprocessor, resize_target
-from ..models import BACKBONES
+from ..models import backbone_spec
 from .base import register_task
 from .dense import DenseTask
 from .heads.mmdet_detector import MMDetDetector, backbone_config, build_detector, gather_to_main, predict_dataset
@@ -81,7 +81,7 @@ def build_retinanet(
 ) -> MMDetDetector:
     """RetinaNet for `num_classes` object classes (our labels 1..K; mmdet's 0..K-1 inside) on Swin stages 1-3."""
     head = head if isinstance(head, VocHeadOptions) else VocHeadOptions.model_validate(head or {})
-    if not BACKBONES.get(backbone).timm_name.startswith("swin"):
+    if backbone_spec(backbone).family != "swin":
         raise ValueError(f"RetinaNet takes a Swin backbone (stages 1-3), got {backbone!r}")
     # Only stages 1-3 leave the backbone: stage 0's output norm would be an unused parameter under DDP.
     backbone_kwargs["out_indices"] = backbone_kwargs.get("out_indices") or (1, 2, 3)
