@@ -104,6 +104,18 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, parse_method_options(filter(None, rest.split(",")))
 
 
+def split_methods(text: str) -> list[str]:
+    """'full,mona:recompute=false,fused=false,lora' -> ['full', 'mona:recompute=false,fused=false', 'lora']: a
+    comma-separated item with '=' but no ':' is one more option of the method before it."""
+    labels: list[str] = []
+    for item in filter(None, text.split(",")):
+        if labels and "=" in item and ":" not in item and ":" in labels[-1]:
+            labels[-1] += "," + item
+        else:
+            labels.append(item)
+    return labels
+
+
 @dataclass
 class BenchSpec:
     backbone: str
