@@ -162,7 +162,7 @@ def _kept_bytes(m: Mona, x: torch.Tensor, **kw) -> int:
 @pytest.mark.parametrize("case", MODULE_CASES)
 def test_a_mona_keeps_its_input_and_nothing_else(case):
     """What README states: one copy of the module's input (B x N x C x 4 bytes in fp32), where the plain ops keep
-    the input, the norm's statistics, two more C-wide tensors, six 64-wide ones and the dropout mask."""
+    the input, the norm's statistics, two more C-wide tensors and five 64-wide ones (the dropout mask among them)."""
     shape, kw = MODULE_CASES[case]
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
