@@ -22,6 +22,8 @@ How it is computed (neither changes a parameter, a name or a number beyond fp32 
 - `recompute="input"`: autograd keeps only Mona's input; the scaled norm, the projections, the filters and GELU
   are recomputed in backward (non-reentrant checkpoint: parameters get gradients behind a frozen stem, under
   activation checkpointing and under every engine; the RNG state is restored, so dropout draws the same mask).
+  Inside a block that activation checkpointing wraps, the block's checkpoint recomputes Mona and Mona's own is off
+  (`Recompute.enabled`): nested, it would keep its input alive beside the block's.
   "project1" keeps project1's 64-wide output instead and recomputes what follows it (mona_hw's lora_fa, where
   project1 is frozen and reads a no-grad tap); None keeps what autograd keeps.
 """
