@@ -64,9 +64,11 @@ class MonaOp(nn.Module):
         convs = self._convs()
         k, dtype = max(self.kernels), convs[0].weight.dtype
         acc = torch.promote_types(dtype, torch.float32)
-        w = sum(F.pad(c.weight.to(acc), [(k - c.kernel_size[0]) // 2] * 4) for c in convs) / len(convs)
-        w[:, :, k // 2, k // 2] += 1.0
-        b = sum(c.bias.to(acc) for c in convs) / len(convs)
+        # stack/mean and an out-of-place delta: torch 2.14's inductor fails to partition a recomputed region built
+        # with Python's sum() ("Node add_N was invalid, but is output"; tests/engine/test_fsdp.py compiles it)
+        w = torch.stack([F.pad(c.weight.to(acc), [(k - c.kernel_size[0]) // 2] * 4) for c in convs]).mean(0)
+        w = w + F.pad(torch.ones(1, 1, 1, 1, dtype=acc, device=w.device), [k // 2] * 4)
+        b = torch.stack([c.bias.to(acc) for c in convs]).mean(0)
         return w.to(dtype), b.to(dtype)
 
     def projector_with_identity(self) -> torch.Tensor:
