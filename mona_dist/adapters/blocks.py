@@ -51,9 +51,17 @@ class Recompute(nn.Module):
 
     A module rather than a function so that what it keeps is visible to a forward pre-hook: the bench counts those
     arguments as saved activations. It has no parameters and adds nothing to a state dict.
+
+    `enabled = False` runs fn as it is: set by activation checkpointing on the Recompute modules inside a unit it
+    wraps, whose own checkpoint recomputes them already (nested, each would keep its arguments alive beside the
+    unit's input until backward).
     """
 
+    enabled = True
+
     def forward(self, fn, *args):
+        if not self.enabled:
+            return fn(*args)
         return checkpoint(fn, *args, use_reentrant=False)
 
 

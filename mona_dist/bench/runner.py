@@ -104,6 +104,18 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, parse_method_options(filter(None, rest.split(",")))
 
 
+def split_methods(text: str) -> list[str]:
+    """'full,mona:recompute=false,fused=false,lora' -> ['full', 'mona:recompute=false,fused=false', 'lora']: a
+    comma-separated item with '=' but no ':' is one more option of the method before it."""
+    labels: list[str] = []
+    for item in filter(None, text.split(",")):
+        if labels and "=" in item and ":" not in item and ":" in labels[-1]:
+            labels[-1] += "," + item
+        else:
+            labels.append(item)
+    return labels
+
+
 @dataclass
 class BenchSpec:
     backbone: str
@@ -215,7 +227,8 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
     model, engine = _build(spec, label, device, world_size)
     total, trainable = count_parameters(model.backbone)
     units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
-    units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves
+    # adapters that recompute themselves (Mona, lora_fa) keep their inputs, unless a checkpointed unit holds them
+    units += [m for m in model.modules() if isinstance(m, Recompute) and m.enabled]
     _sync(device)
     t0 = time.perf_counter()
     first_step = None  # the first step's time (compilation, under engine.compile): a warm-up or the counted step
