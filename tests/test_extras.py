@@ -109,3 +109,23 @@ def test_all_is_every_extra_and_make_installs_it():
     assert set(EXTRAS) <= set(extras)
     assert sorted(extras["all"]) == sorted({req for name in EXTRAS for req in extras[name]})
     assert '-e ".[dev,all]"' in (ROOT / "Makefile").read_text()
+
+
+BENCH_CASE = r"""
+import contextlib, io, json, sys
+sys.modules["mmdet"] = None
+from mona_dist.cli import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(["bench", "--task", "voc", "--backbone", "swin_nano_patch4_window7", "--methods", "fixed",
+                 "--img-size", "64", "--steps", "0", "--warmup", "0", "--no-inference"])
+print(json.dumps([code, err.getvalue().strip().splitlines()]))
+"""
+
+
+def test_the_bench_without_the_detectors_extra_refuses_in_one_line(tmp_path):
+    proc = run_python(BENCH_CASE, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, lines = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert code == 2 and lines[-1] == "mona-dist bench: error: bench --task voc needs mmdet: pip install -e '.[det]'", \
+        lines

@@ -34,6 +34,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from ..adapters import count_parameters, parse_method_options
 from ..adapters.blocks import Recompute
 from ..distributed import all_reduce_max
+from ..extras import require
 from ..models import build_backbone, checkpoint_units
 from .accounting import (LiveTensorPeak, PeakMemory, fsdp_model_state_estimate, model_state_bytes,
                          model_state_tensors, saved_activation_bytes, zero_model_state_estimate)
@@ -86,6 +87,8 @@ DETECTION = ("coco", "voc")
 def build_model(spec: "BenchSpec", method: str, opts: dict[str, Any]) -> nn.Module:
     """The model every method shares but for its backbone method: a BenchModel, or the task's own detector
     (coco: mmdet Cascade Mask R-CNN, voc: mmdet RetinaNet over Swin stages 1-3), with the recipe's heads."""
+    if spec.task in DETECTION:
+        require(f"bench --task {spec.task}", "det")  # one line, not a failure report, without the extra
     if spec.task == "coco":
         from ..tasks.coco import build_cascade
 
