@@ -76,3 +76,27 @@ def test_the_top_level_parser_has_help_and_a_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"mona-dist {mona_dist.__version__}"
+
+
+def test_sub_command_modules_take_their_helpers_from_the_leaf_not_the_dispatcher():
+    """mona_dist/cli.py imports every COMMAND_MODULES entry; none of them imports it back (a cycle in waiting), and
+    mona_dist/cli_args.py, where they take DefaultsFormatter and add_run_arguments, imports nothing of mona_dist."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    from mona_dist.cli import COMMAND_MODULES
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    for name in COMMAND_MODULES:
+        assert "mona_dist.cli" not in imported(Path(importlib.import_module(name).__file__)), name
+    leaf = imported(Path(mona_dist.__file__).parent / "cli_args.py")
+    assert not {m for m in leaf if m.split(".")[0] == "mona_dist"}, leaf

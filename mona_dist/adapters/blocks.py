@@ -51,9 +51,17 @@ class Recompute(nn.Module):
 
     A module rather than a function so that what it keeps is visible to a forward pre-hook: the bench counts those
     arguments as saved activations. It has no parameters and adds nothing to a state dict.
+
+    `enabled = False` runs fn as it is: set by activation checkpointing on the Recompute modules inside a unit it
+    wraps, whose own checkpoint recomputes them already (nested, each would keep its arguments alive beside the
+    unit's input until backward).
     """
 
+    enabled = True
+
     def forward(self, fn, *args):
+        if not self.enabled:
+            return fn(*args)
         return checkpoint(fn, *args, use_reentrant=False)
 
 
@@ -194,13 +202,12 @@ def _grid_state(trunk: nn.Module) -> GridState:
         trunk._petl_grid = state
 
         def record(module, inputs, out):
-            # dynamic_img_size keeps (B, H, W, C); otherwise the grid is the input size over the patch size.
+            # dynamic_img_size keeps (B, H, W, C); otherwise timm's own grid for the input size (a hybrid ViT's
+            # CNN stem has a stride other than its `patch_size`: dynamic_feat_size counts it).
             if out.dim() == 4:
                 state.hw = (out.shape[1], out.shape[2])
             else:
-                h, w = inputs[0].shape[-2:]
-                ph, pw = module.patch_size
-                state.hw = (h // ph, w // pw)
+                state.hw = tuple(module.dynamic_feat_size(tuple(inputs[0].shape[-2:])))
 
         trunk.patch_embed.register_forward_hook(record)
     return state

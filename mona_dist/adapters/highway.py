@@ -31,6 +31,8 @@ Design choices the paper leaves open, and what we chose:
   frozen projection of a no-grad tap needs nothing kept for backward, so neither the C-wide taps nor the adapters'
   C/2-wide hidden layers (together nearly all of a naive highway's activations) are saved: only the rank-wide
   (E3VA: 2 x 8) or 64-wide (mona_hw) projections are.
+- mona_hw with `lora_fa=False` keeps only each Mona's tap and recomputes the rest (`recompute=True`, as `mona`);
+  `fused` is Mona's (adapters/mona.py). Under lora_fa, `recompute` changes nothing: it recomputes already.
 """
 
 from __future__ import annotations
@@ -96,11 +98,11 @@ class Highway(nn.Module):
                 merge.weight.copy_(stage.downsample.reduction.weight)
 
     def checkpoint_units(self) -> list[tuple[nn.Module, str]]:
-        """Adapters worth recomputing in backward. None under lora_fa: those recompute themselves from their
-        rank-wide projection, and an outer checkpoint would keep the C-wide tap alive instead."""
-        if self.lora_fa:
-            return []
-        return [(mods, str(i)) for mods in (self.attn_adapters, self.mlp_adapters) for i in range(len(mods))]
+        """Adapters worth recomputing in backward: those that do not recompute themselves (lora_fa ones from their
+        rank-wide projection, where an outer checkpoint would keep the C-wide tap alive instead; mona_hw's Monas
+        from their tap)."""
+        return [(mods, str(i)) for mods in (self.attn_adapters, self.mlp_adapters) for i in range(len(mods))
+                if getattr(mods[i], "recompute", None) is None]
 
     def _add(self, h: torch.Tensor | None, k: int, a: torch.Tensor, m: torch.Tensor, **kw) -> torch.Tensor:
         d = self.attn_adapters[k](a, **kw) + self.mlp_adapters[k](m, **kw)
@@ -146,12 +148,14 @@ def _e3va_adapter(dim: int, rank: int, branches: int, hidden_ratio: float, lora_
     return ad
 
 
-def _mona_adapter(dim: int, inner_dim: int, kernels, dropout: float, lora_fa: bool) -> nn.Module:
-    ad = Mona(dim, inner_dim, tuple(kernels), dropout, residual=False)
+def _mona_adapter(dim: int, inner_dim: int, kernels, dropout: float, lora_fa: bool, recompute: bool,
+                  fused: bool) -> nn.Module:
+    # lora_fa keeps project1's output (frozen, of a no-grad tap); otherwise the tap itself, or everything
+    keep = "project1" if lora_fa else "input" if recompute else None
+    ad = Mona(dim, inner_dim, tuple(kernels), dropout, residual=False, recompute=keep, fused=fused)
     nn.init.zeros_(ad.project2.weight)
     for frozen in (ad.norm.weight, ad.norm.bias, ad.gamma, ad.gammax, ad.project1.weight, ad.project1.bias):
         frozen.requires_grad_(not lora_fa)
-    ad.recompute = Recompute() if lora_fa else None
     return ad
 
 
@@ -203,5 +207,8 @@ def apply_mona_hw(
     dropout: float = 0.1,
     lora_fa: bool = True,
     train_downsample: bool = False,
+    recompute: bool = True,
+    fused: bool = True,
 ) -> None:
-    _attach(model, lambda d: _mona_adapter(d, inner_dim, kernels, dropout, lora_fa), lora_fa, train_downsample)
+    _attach(model, lambda d: _mona_adapter(d, inner_dim, kernels, dropout, lora_fa, recompute, fused),
+            lora_fa, train_downsample)

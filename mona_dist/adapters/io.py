@@ -32,6 +32,9 @@ from safetensors.torch import load_file, save_file
 ADAPTER_FORMAT = "mona-dist-adapter/2"
 # Metadata that must equal the model's for the tensors to mean what they meant when saved.
 CHECKED_KEYS = ("backbone", "method", "method_options", "out_indices")
+# Method options that choose how a method computes, not what its tensors mean (Mona's recomputation and merged
+# filters): a file neither records nor checks them, so it loads whichever way it was trained.
+RUNTIME_OPTIONS = ("recompute", "fused")
 
 # Prefixes that wrappers put in front of parameter names and that state_dict() does not show.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -106,7 +109,7 @@ def backbone_metadata(model: nn.Module) -> dict[str, str]:
     meta = {"method": bb.method, "backbone": bb.name, "out_indices": _json(list(bb.out_indices)),
             "swin_arithmetic": bb.swin_arithmetic, "backbone_prefix": prefix}
     if getattr(bb, "method_options", None) is not None:
-        meta["method_options"] = _json(bb.method_options)
+        meta["method_options"] = _json({k: v for k, v in bb.method_options.items() if k not in RUNTIME_OPTIONS})
     return meta
 
 
@@ -160,7 +163,10 @@ def check_adapter_metadata(model: nn.Module, metadata: Mapping[str, str], source
         theirs, mine = metadata[key], ours[key]
         if key in ("method_options", "out_indices"):
             try:
-                theirs = _json(json.loads(theirs))
+                theirs = json.loads(theirs)
+                if key == "method_options" and isinstance(theirs, dict):
+                    theirs = {k: v for k, v in theirs.items() if k not in RUNTIME_OPTIONS}
+                theirs = _json(theirs)
             except json.JSONDecodeError:
                 raise ValueError(f"{source}: metadata {key} is not JSON: {metadata[key]!r}") from None
         if theirs != mine:

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mona_dist.cli import DefaultsFormatter
+from mona_dist.cli_args import DefaultsFormatter
 
 DEFAULT_METHODS = "full,fixed,mona,mona_hw,e3va,lora,adapter,adaptformer,lorand,bitfit"
 
@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default: the task's paper backbone (swin_large_patch4_window7_224 for voc, "
                         "swin_base_patch4_window7_224 otherwise)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma-separated; options after a colon, e.g. e3va:lora_fa=true")
+                   help="comma-separated; options after a colon, more after commas, e.g. "
+                        "e3va:lora_fa=true,rank=4 or mona:recompute=false,fused=false (today's Mona before issue 27)")
     p.add_argument("--task", choices=["cls", "seg", "coco", "voc"], default="cls",
                    help="cls: linear head; seg: semantic-FPN head; coco: the coco task's mmdet Cascade Mask R-CNN; "
                         "voc: the voc task's mmdet RetinaNet (Swin only)")
@@ -59,9 +60,9 @@ def bench(args: argparse.Namespace) -> int:
     from .runner import TASK_DEFAULTS, BenchSpec, run_bench
 
     from ..adapters import METHODS, check_method_options
-    from .runner import parse_method
+    from .runner import parse_method, split_methods
 
-    for label in filter(None, args.methods.split(",")):  # every method's options, before anything is built
+    for label in split_methods(args.methods):  # every method's options, before anything is built
         method, options = parse_method(label)
         METHODS.get(method)
         options.pop("swin_arithmetic", None)  # a backbone option, checked by build_backbone
@@ -87,7 +88,7 @@ def bench(args: argparse.Namespace) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if device_kind == "cuda" else torch.device("cpu")
     backbone, hw, classes = TASK_DEFAULTS[args.task]
     spec = BenchSpec(
-        backbone=args.backbone or backbone, methods=[m for m in args.methods.split(",") if m], task=args.task,
+        backbone=args.backbone or backbone, methods=split_methods(args.methods), task=args.task,
         batch_size=args.batch_size, img_size=args.img_size or hw, steps=args.steps, warmup=args.warmup,
         num_classes=classes, objects=args.objects,
         engine=args.engine, zero_stage=args.zero, activation_checkpointing=args.activation_checkpointing,

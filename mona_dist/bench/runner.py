@@ -34,6 +34,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from ..adapters import count_parameters, parse_method_options
 from ..adapters.blocks import Recompute
 from ..distributed import all_reduce_max
+from ..extras import require
 from ..models import build_backbone, checkpoint_units
 from .accounting import (LiveTensorPeak, PeakMemory, fsdp_model_state_estimate, model_state_bytes,
                          model_state_tensors, saved_activation_bytes, zero_model_state_estimate)
@@ -86,6 +87,8 @@ DETECTION = ("coco", "voc")
 def build_model(spec: "BenchSpec", method: str, opts: dict[str, Any]) -> nn.Module:
     """The model every method shares but for its backbone method: a BenchModel, or the task's own detector
     (coco: mmdet Cascade Mask R-CNN, voc: mmdet RetinaNet over Swin stages 1-3), with the recipe's heads."""
+    if spec.task in DETECTION:
+        require(f"bench --task {spec.task}", "det")  # one line, not a failure report, without the extra
     if spec.task == "coco":
         from ..tasks.coco import build_cascade
 
@@ -102,6 +105,18 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """'e3va' or 'e3va:lora_fa=true,rank=4' -> (method, options)."""
     name, _, rest = spec.partition(":")
     return name, parse_method_options(filter(None, rest.split(",")))
+
+
+def split_methods(text: str) -> list[str]:
+    """'full,mona:recompute=false,fused=false,lora' -> ['full', 'mona:recompute=false,fused=false', 'lora']: a
+    comma-separated item with '=' but no ':' is one more option of the method before it."""
+    labels: list[str] = []
+    for item in filter(None, text.split(",")):
+        if labels and "=" in item and ":" not in item and ":" in labels[-1]:
+            labels[-1] += "," + item
+        else:
+            labels.append(item)
+    return labels
 
 
 @dataclass
@@ -215,7 +230,8 @@ def measure_memory(spec: BenchSpec, label: str, batch: dict, device: torch.devic
     model, engine = _build(spec, label, device, world_size)
     total, trainable = count_parameters(model.backbone)
     units = [getattr(parent, name) for parent, name in checkpoint_units(model)] if spec.activation_checkpointing else []
-    units += [m for m in model.modules() if isinstance(m, Recompute)]  # lora_fa adapters recompute themselves
+    # adapters that recompute themselves (Mona, lora_fa) keep their inputs, unless a checkpointed unit holds them
+    units += [m for m in model.modules() if isinstance(m, Recompute) and m.enabled]
     _sync(device)
     t0 = time.perf_counter()
     first_step = None  # the first step's time (compilation, under engine.compile): a warm-up or the counted step

@@ -17,7 +17,7 @@ from torch import nn
 
 from .accounting import _storage_bytes, _storage_key, saved_activation_bytes
 from .report import VPETL_MB
-from .runner import TASK_DEFAULTS, BenchSpec, _free, build_model, make_batch, parse_method
+from .runner import TASK_DEFAULTS, BenchSpec, _free, build_model, make_batch, parse_method, split_methods
 
 
 def frozen_linear_inputs(spec: BenchSpec, label: str, batch: dict) -> tuple[int, int]:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(VPETL_MB["coco"]), help="default: V-PETL's COCO table's")
     args = p.parse_args(argv)
     backbone, hw, classes = TASK_DEFAULTS[args.task]
-    spec = BenchSpec(backbone=args.backbone or backbone, methods=args.methods.split(","), task=args.task,
+    spec = BenchSpec(backbone=args.backbone or backbone, methods=split_methods(args.methods), task=args.task,
                      batch_size=args.batch_size, img_size=args.img_size or hw, steps=0, warmup=0, num_classes=classes)
     batch = make_batch(spec, torch.device("cpu"))
     print("| method | saved MiB | frozen linear inputs not saved MiB |\n|---|---:|---:|")

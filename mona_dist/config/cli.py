@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mona_dist.cli import DefaultsFormatter
+from mona_dist.cli_args import DefaultsFormatter
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -105,8 +105,20 @@ def validate(data: dict[str, Any]) -> "Config":
     errors = combination_errors(cfg.engine, cfg.train)
     if errors:
         raise ConfigError(*errors[0])
+    check_backbone(cfg.model.backbone)
     check_method(cfg.model.method, cfg.model.method_options)
     return cfg
+
+
+def check_backbone(name: str) -> None:
+    """`model.backbone` is one of ours or a timm name of a supported family (models/names.py), asked of timm
+    without building the model: a typo or an unsupported family fails at start-up, in one line."""
+    from mona_dist.models.names import check_backbone_name
+
+    try:
+        check_backbone_name(name)
+    except ValueError as err:
+        raise ConfigError("model.backbone", str(err)) from None
 
 
 def check_method(method: str, options: dict[str, Any]) -> None:

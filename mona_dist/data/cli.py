@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from mona_dist.cli import DefaultsFormatter
+from mona_dist.cli_args import DefaultsFormatter
 
 
 def _sharding(p: argparse.ArgumentParser) -> None:

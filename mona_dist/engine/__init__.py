@@ -14,6 +14,7 @@ from mona_dist.config.schema import EngineConfig, OptimConfig
 from mona_dist.engine.activation import enable_activation_checkpointing
 from mona_dist.engine.base import Engine, move_batch, pick_device
 from mona_dist.engine.optim import LRSchedule, param_groups
+from mona_dist.extras import require
 
 __all__ = [
     "Engine",
@@ -32,6 +33,8 @@ def build_engine(model: nn.Module, cfg: EngineConfig, optim: OptimConfig, *, mic
     """Wrap `model` for training on `device` (default `pick_device()`: this rank's GPU, else the CPU).
     Multi-rank (and fsdp/fairscale/DeepSpeed) need an initialised process group. `fixed_shape` says the task
     trains on inputs of one (or a few) shapes: `engine.cudnn_benchmark` then defaults to on."""
+    if cfg.name == "fairscale":
+        require("engine fairscale", "fairscale")  # an optional extra: one line before the model is touched
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.compile:

@@ -15,12 +15,20 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 def enable_activation_checkpointing(model: nn.Module, units: list[tuple[nn.Module, str]] | None = None) -> int:
     """Wrap each `(parent, attr)` unit (default: `mona_dist.models.checkpoint_units(model)`); returns how many.
 
-    The wrapper inserts `_checkpoint_wrapped_module.` into parameter names; `save_adapter` strips it.
+    The wrapper inserts `_checkpoint_wrapped_module.` into parameter names; `save_adapter` strips it. Adapters inside
+    a unit that recompute themselves (Mona keeps only its input) stop doing so: the unit's checkpoint recomputes
+    them, and a nested checkpoint would keep each Mona's input alive beside the unit's.
     """
+    from mona_dist.adapters.blocks import Recompute
+
     if units is None:
         from mona_dist.models import checkpoint_units
 
         units = checkpoint_units(model)
     for parent, attr in units:
-        setattr(parent, attr, checkpoint_wrapper(getattr(parent, attr), checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+        unit = getattr(parent, attr)
+        for m in unit.modules():
+            if isinstance(m, Recompute):
+                m.enabled = False
+        setattr(parent, attr, checkpoint_wrapper(unit, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
     return len(units)

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mona_dist.cli import DefaultsFormatter, add_run_arguments
+from mona_dist.cli_args import DefaultsFormatter, add_run_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def export(args: argparse.Namespace) -> int:
 
     from torch import nn
 
-    from .merge import MERGEABLE, UNMERGEABLE, timm_head_kwargs, write_backbone, write_timm
+    from .merge import MERGEABLE, UNMERGEABLE, timm_load_kwargs, write_backbone, write_timm
     from .run import backbone_from_checkpoint
 
     cfg = load_config(args.config, args.overrides)
@@ -52,14 +52,10 @@ def export(args: argparse.Namespace) -> int:
         # a cls run's linear head on the pooled last output is exactly timm's classifier: the file carries it
         head = model.head if cfg.task == "cls" and isinstance(getattr(model, "head", None), nn.Linear) else None
         path, notes = write_timm(bb, args.out, head=head, **source)
-        from mona_dist.models import BACKBONES
+        from mona_dist.models import backbone_spec
 
-        spec = BACKBONES.get(bb.name)
-        kwargs = dict(spec.timm_kwargs)
-        if bb.family == "swin" and bb.swin_arithmetic == "official":
-            kwargs["always_partition"] = True
-        if head is not None:
-            kwargs.update(timm_head_kwargs(bb))
+        spec = backbone_spec(bb.name)
+        kwargs = timm_load_kwargs(bb, with_head=head is not None)
         extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
         classes = head.out_features if head is not None else 0
         overlay = f"dict(file={str(path)!r}" + (f", num_classes={classes})" if head is not None else ")")

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapters.lora import LoRAQKVLinear
-from ..models.backbone import BACKBONES, Backbone
+from ..models.backbone import Backbone, backbone_spec
 
 FORMAT = "mona-dist-backbone/1"
 MERGEABLE = ("full", "fixed", "bitfit", "norm", "partial1", "lora")
@@ -38,7 +38,7 @@ UNMERGEABLE = {
 
 
 def _metadata(bb: Backbone, **extra: str) -> dict[str, str]:
-    spec = BACKBONES.get(bb.name)
+    spec = backbone_spec(bb.name)
     return {"format": FORMAT, "backbone": bb.name, "method": str(bb.method),
             "out_indices": json.dumps(list(bb.out_indices)), "swin_arithmetic": bb.swin_arithmetic,
             "timm_name": spec.timm_name, "timm_kwargs": json.dumps(spec.timm_kwargs), **extra}
@@ -109,14 +109,34 @@ def fold_lora_(model: torch.nn.Module) -> int:
     return len(folded)
 
 
-def _full_depth(bb: Backbone) -> int:
-    """Stages (Swin) or blocks (ViT) of the registered backbone, whatever `out_indices` cut off."""
+def _timm_on_meta(bb: Backbone) -> torch.nn.Module:
+    """The named backbone's timm model as timm builds it (shapes only)."""
     import timm
 
-    spec = BACKBONES.get(bb.name)
+    spec = backbone_spec(bb.name)
     with torch.device("meta"):
-        t = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
-    return bb.layout.depth(t)
+        return timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
+
+
+def _full_depth(bb: Backbone) -> int:
+    """Stages (Swin) or blocks (ViT) of the named backbone, whatever `out_indices` cut off."""
+    return bb.layout.depth(_timm_on_meta(bb))
+
+
+def timm_load_kwargs(bb: Backbone, with_head: bool) -> dict[str, object]:
+    """The create_model arguments with which timm loads `write_timm`'s file: the name's family arguments, timm's
+    always_partition for the official Swin arithmetic, and the classifier's pooling (`timm_head_kwargs`) when a
+    head is written or when timm's default pooling has parameters a backbone does not keep (SigLIP's attention
+    pool, an `fc_norm`: models/layout.py), which the file therefore lacks."""
+    kwargs = dict(backbone_spec(bb.name).timm_kwargs)
+    if bb.family == "swin" and bb.swin_arithmetic == "official":
+        kwargs["always_partition"] = True
+    t = _timm_on_meta(bb)
+    fc_norm = getattr(t, "fc_norm", None)
+    pooling = getattr(t, "attn_pool", None) is not None or (fc_norm is not None and len(list(fc_norm.parameters())) > 0)
+    if with_head or pooling:
+        kwargs.update(timm_head_kwargs(bb))
+    return kwargs
 
 
 def timm_head_kwargs(bb: Backbone) -> dict[str, object]:

@@ -8,7 +8,7 @@ _CONFIG_HELP = "the run's YAML config (its config.yaml, or the file it trained f
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mona_dist.cli import DefaultsFormatter as fmt, add_run_arguments
+    from mona_dist.cli_args import DefaultsFormatter as fmt, add_run_arguments
     p = sub.add_parser("eval", help="a checkpoint's metrics on the val shards, no training (any launcher)",
                        description="The task's metrics on the val shards (keys as in metrics.jsonl, e.g. eval/top1), "
                                    "computed by the trainer's own evaluation; printed as one JSON line, and written "

@@ -16,56 +16,14 @@ frozen (the Mona recipe); full/norm/bitfit select them by name; E3VA and mona_hw
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import timm
 import torch
 from torch import nn
 
 from ..adapters import apply_method
 from ..adapters.blocks import SWIN_ARITHMETICS, set_swin_arithmetic
-from ..registry import Registry
 from .layout import Unit, layout_of
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    timm_name: str
-    timm_kwargs: dict = field(default_factory=dict)
-
-
-BACKBONES: Registry[BackboneSpec] = Registry("backbone")
-for _n in (
-    "swin_tiny_patch4_window7_224",
-    "swin_small_patch4_window7_224",
-    "swin_base_patch4_window7_224",
-    "swin_base_patch4_window12_384",
-    "swin_large_patch4_window7_224",
-    "swin_large_patch4_window12_384",
-):
-    BACKBONES.add(_n, BackboneSpec(_n, {"strict_img_size": False}))  # any input size; windows pad
-for _n in (
-    "vit_small_patch16_224",
-    "vit_base_patch16_224",
-    "vit_base_patch16_384",
-    "vit_large_patch16_224",
-    "vit_large_patch16_384",
-    "vit_base_patch14_reg4_dinov2",
-    "vit_large_patch14_reg4_dinov2",
-):
-    BACKBONES.add(_n, BackboneSpec(_n, {"dynamic_img_size": True}))
-# Small enough for CPU tests, demos and CI; same code paths as the large ones.
-BACKBONES.add(
-    "swin_nano_patch4_window7",
-    BackboneSpec(
-        "swin_tiny_patch4_window7_224",
-        {"strict_img_size": False, "embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8)},
-    ),
-)
-BACKBONES.add(
-    "vit_nano_patch16",
-    BackboneSpec("vit_small_patch16_224", {"dynamic_img_size": True, "embed_dim": 64, "depth": 4, "num_heads": 2}),
-)
+from .names import BACKBONES, BackboneSpec, backbone_spec  # noqa: F401  (BACKBONES, BackboneSpec: re-exported)
 
 
 class Backbone(nn.Module):
@@ -102,8 +60,7 @@ class Backbone(nn.Module):
         if self.family == "swin":
             trunk.patch_embed.dynamic_img_pad = True  # bottom/right zero padding up to the patch size, as official
             set_swin_arithmetic(trunk, swin_arithmetic)
-        trunk.norm = nn.Identity()
-        trunk.reset_classifier(0)
+        self.layout.strip_head(trunk)
         self.trunk = trunk
         # The trunk's own tensors (before any method adds some): what "the backbone loaded" is measured against.
         self.trunk_keys = frozenset(trunk.state_dict())
@@ -157,14 +114,15 @@ def build_backbone(
     swin_arithmetic: str = "official",
     **method_options,
 ) -> Backbone:
-    """Build a registered timm Swin/ViT, apply `method`, then load `pretrained`: a local file, or a timm
+    """Build a timm Swin/ViT by name (any timm SwinTransformer or VisionTransformer name, or one of our small
+    `BACKBONES`: models/names.py), apply `method`, then load `pretrained`: a local file, or a timm
     pretrained tag / `timm/<name>` / `hf-hub:<repo>` fetched through the Hugging Face cache (models/hub.py).
 
     Weights load after the method is applied, so official Mona checkpoints (which carry the Mona modules) load
     whole: see `mona_dist.models.pretrained.load_pretrained` for the formats. `swin_arithmetic`: "official" (the
     official Swin/Mona code) or "timm" (module docstring); ViT ignores it.
     """
-    spec = BACKBONES.get(name)
+    spec = backbone_spec(name)  # unknown names and unsupported families: one line, before anything is built
     trunk = timm.create_model(spec.timm_name, pretrained=False, drop_path_rate=drop_path_rate, **spec.timm_kwargs)
     bb = Backbone(name, trunk, out_indices, swin_arithmetic)
     apply_method(bb, method, **method_options)  # records the options, defaults filled in, as bb.method_options

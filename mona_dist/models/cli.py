@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from mona_dist.cli import DefaultsFormatter
+from mona_dist.cli_args import DefaultsFormatter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="count a backbone's total and trainable parameters under a method",
                        formatter_class=DefaultsFormatter)
-    p.add_argument("--backbone", required=True, help="a registered backbone, e.g. swin_large_patch4_window7_224")
+    p.add_argument("--backbone", required=True, help="any timm Swin / ViT name (e.g. swin_large_patch4_window7_224, "
+                   "vit_base_patch14_dinov2) or swin_nano_patch4_window7 / vit_nano_patch16")
     p.add_argument("--method", required=True, help="a tuning method, e.g. mona, lora, full")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, value parsed as YAML (repeatable), e.g. --option inner_dim=32")

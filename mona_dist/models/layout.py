@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..registry import Registry
 
@@ -31,11 +31,28 @@ class TrunkLayout:
 
     family: str
     trunk_type: type[nn.Module]
+    block_type: type[nn.Module]  # the block class the methods' slots fit (adapters/blocks.py), matched exactly
     levels_attr: str  # the trunk's container of levels (an nn.Sequential)
+    timm_kwargs: dict = {}  # create_model arguments for every name of the family (models/names.py)
     # timm's classifier, for an exported cls model: its state-dict prefix, and the create_model arguments with which
     # timm computes what a task's linear head on the last output computes
     timm_head: str = "head"
     timm_head_kwargs: dict = {}
+
+    def describe(self) -> str:
+        return self.trunk_type.__name__
+
+    def unsupported_block(self, trunk: nn.Module) -> str | None:
+        """The class name of the first block the methods cannot fill, or None."""
+        for parent, attr in self.block_units(trunk):
+            if type(getattr(parent, attr)) is not self.block_type:
+                return type(getattr(parent, attr)).__name__
+        return None
+
+    def strip_head(self, trunk: nn.Module) -> None:
+        """Drop what only timm's classifier uses: the final norm (an output norm takes its place) and the head."""
+        trunk.norm = nn.Identity()
+        trunk.reset_classifier(0)
 
     def levels(self, trunk: nn.Module) -> nn.Sequential:
         return getattr(trunk, self.levels_attr)
@@ -83,8 +100,12 @@ class SwinLayout(TrunkLayout):
     """timm's SwinTransformer: `layers` (stages, downsampling at the start of each but the first), each with
     `blocks`. Outputs are (B, H, W, C) per stage."""
 
-    family, trunk_type, levels_attr = "swin", SwinTransformer, "layers"
+    family, trunk_type, block_type, levels_attr = "swin", SwinTransformer, SwinTransformerBlock, "layers"
+    timm_kwargs = {"strict_img_size": False}  # any input size; windows pad
     timm_head = "head.fc"  # timm pools the normed last stage by default
+
+    def describe(self):
+        return "SwinTransformer (v1)"
 
     def block_lists(self, trunk):
         return [stage.blocks for stage in trunk.layers]
@@ -111,28 +132,43 @@ class SwinLayout(TrunkLayout):
 
 
 class ViTLayout(TrunkLayout):
-    """timm's VisionTransformer: one stage of `blocks`, each a level. Outputs are (B, P+N, C) tokens."""
+    """timm's VisionTransformer (DeiT, DeiT-3, DINOv2, CLIP, SigLIP, FlexiViT, hybrids ...): one stage of `blocks`,
+    each a level. Outputs are (B, P+N, C) tokens. The patch grid is what the patch embedding produces: a hybrid
+    ViT's embedding is a CNN stem (timm `HybridEmbed`) whose stride is not its `patch_size`, so strides and grids
+    come from timm's `feat_ratio()` / `dynamic_feat_size()`, which both embeddings have."""
 
-    family, trunk_type, levels_attr = "vit", VisionTransformer, "blocks"
+    family, trunk_type, block_type, levels_attr = "vit", VisionTransformer, Block, "blocks"
+    timm_kwargs = {"dynamic_img_size": True}
     # the task averages the normed patch tokens: timm's global_pool='avg' without its extra fc_norm
     timm_head_kwargs = {"global_pool": "avg", "fc_norm": False}
 
     def block_lists(self, trunk):
         return [trunk.blocks]
 
+    def describe(self):
+        return "VisionTransformer (with timm Block blocks)"
+
+    def strip_head(self, trunk):
+        super().strip_head(trunk)
+        # Pooling belongs to the classifier: SigLIP's attention pool ('map'), the average-pool models' fc_norm.
+        # Kept, they would be parameters that never get a gradient (DDP's unused-parameter error under `full`).
+        trunk.attn_pool = None
+        trunk.fc_norm = nn.Identity()
+
     def dims(self, trunk):
         return [trunk.embed_dim] * self.depth(trunk)
 
     def strides(self, trunk):
-        return [trunk.patch_embed.patch_size[0]] * self.depth(trunk)
+        return [trunk.patch_embed.feat_ratio(as_scalar=False)[0]] * self.depth(trunk)
 
     def default_out_indices(self, depth):
         return tuple((i + 1) * depth // 4 - 1 for i in range(4))  # 4 evenly spaced blocks
 
     def check_input(self, trunk, images):
-        ph, pw = trunk.patch_embed.patch_size
-        if images.shape[-2] % ph or images.shape[-1] % pw:
-            raise ValueError(f"ViT input {tuple(images.shape[-2:])} is not divisible by the patch size {ph}")
+        # a hybrid's stem rounds other sizes its own way; on multiples of its stride every grid formula agrees
+        sh, sw = trunk.patch_embed.feat_ratio(as_scalar=False)
+        if images.shape[-2] % sh or images.shape[-1] % sw:
+            raise ValueError(f"ViT input {tuple(images.shape[-2:])} is not divisible by the patch size {sh}")
 
     def features(self, trunk, images, out_indices):
         outs, x = [], trunk.patch_embed(images)
@@ -144,8 +180,7 @@ class ViTLayout(TrunkLayout):
         return outs
 
     def to_nchw(self, trunk, f, images):
-        ph, pw = trunk.patch_embed.patch_size
-        h, w = images.shape[-2] // ph, images.shape[-1] // pw
+        h, w = trunk.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
         patches = f[:, trunk.num_prefix_tokens :]  # the prefix (cls, register) tokens have no place on the grid
         return patches.transpose(1, 2).reshape(f.shape[0], f.shape[-1], h, w)
 
@@ -161,5 +196,5 @@ def layout_of(trunk: nn.Module) -> TrunkLayout:
         layout = LAYOUTS.get(name)
         if isinstance(trunk, layout.trunk_type):
             return layout
-    supported = ", ".join(LAYOUTS.get(n).trunk_type.__name__ for n in LAYOUTS)
+    supported = " or ".join(LAYOUTS.get(n).describe() for n in LAYOUTS)
     raise ValueError(f"unsupported model type {type(trunk).__name__}; supported: timm {supported}")

@@ -134,8 +134,8 @@ def to_backbone_names(sd: dict[str, torch.Tensor], bb) -> dict[str, torch.Tensor
     last = bb.depth - 1
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        if "relative_position_index" in k or "attn_mask" in k or k.startswith("head"):
-            continue  # non-persistent buffers and classifiers
+        if "relative_position_index" in k or "attn_mask" in k or k.startswith(("head", "attn_pool.", "fc_norm.")):
+            continue  # non-persistent buffers and classifiers (a ViT's pooling is its classifier's: layout.py)
         for official, ours in OFFICIAL_MONA_NAMES.items():
             k = k.replace(f".{official}.", f".{ours}.")
         m = re.fullmatch(r"norm(\d+)\.(weight|bias)", k)

@@ -30,8 +30,8 @@ from pycocotools.cocoeval import COCOeval
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.preprocess import DataPreprocessor
-from .base import Task, register_task
-from .heads import class_count
+from .base import register_task
+from .dense import DenseTask
 from .heads.mmdet_detector import MMDetDetector, backbone_config, build_detector, gather_to_main, predict_dataset
 from .heads.pyramid import needs_pyramid
 
@@ -246,22 +246,11 @@ def _ground_truth_for(shard_urls: tuple[str, ...], categories: str) -> COCO:
 
 
 @register_task("coco")
-class CocoTask(Task):
+class CocoTask(DenseTask):
     """COCO instance segmentation; `model.num_classes` defaults to the train shards' class list."""
 
     head_options = CocoHeadOptions
-
-    def check(self, cfg) -> None:
-        super().check(cfg)
-        class_count(cfg)
-
-    def build_model(self, cfg) -> MMDetDetector:
-        m = cfg.model
-        return build_cascade(
-            m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
-            drop_path_rate=m.drop_path_rate, out_indices=m.out_indices, method_options=m.method_options,
-            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg),
-        )
+    builder = staticmethod(build_cascade)
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:
         categories = loader.shards.classes

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from mmengine.model import BaseModule
 
-from ..models import BACKBONES, build_backbone
+from ..models import backbone_spec, build_backbone
 from .heads.pyramid import SimpleFeaturePyramid
 from . import mmcv_compat
 
@@ -43,7 +43,7 @@ class _MonaBackbone(BaseModule):
         init_cfg: dict | None = None,
     ):
         super().__init__(init_cfg=init_cfg)
-        if not BACKBONES.get(arch).timm_name.startswith(self.family):
+        if backbone_spec(arch).family != self.family:
             raise ValueError(f"{type(self).__name__} takes a {self.family} arch, got {arch!r}")
         self.body = build_backbone(
             arch,

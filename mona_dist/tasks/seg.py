@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.preprocess import DataPreprocessor
-from ..models import BACKBONES, build_backbone
+from ..models import backbone_spec, build_backbone
 from . import mmcv_compat
-from .base import Task, register_task, scored_batches, unwrap
-from .heads import class_count
+from .base import register_task, scored_batches, unwrap
+from .dense import DenseTask
 from .heads.pyramid import needs_pyramid
 
 
@@ -59,7 +59,7 @@ def segmentor_config(
     swin_arithmetic: str = "official",
 ) -> ConfigDict:
     """The mmseg `EncoderDecoder` config: what one would write in an mmseg config file."""
-    family = "swin" if BACKBONES.get(backbone).timm_name.startswith("swin") else "vit"
+    family = backbone_spec(backbone).family
     bb_cfg = dict(
         type="MonaSwin" if family == "swin" else "MonaViT",
         arch=backbone,
@@ -256,23 +256,12 @@ def evaluate_segmentation(
 
 
 @register_task("seg")
-class SegTask(Task):
+class SegTask(DenseTask):
     """ADE20K-style semantic segmentation; `model.num_classes` defaults to the train shards' class list."""
 
     head_options = SegHeadOptions
     fixed_shape = True  # training crops are the crop size, or smaller ones padded to /32: a few shapes
-
-    def check(self, cfg) -> None:
-        super().check(cfg)
-        class_count(cfg)
-
-    def build_model(self, cfg) -> SegModel:
-        m = cfg.model
-        return build_segmentor(
-            m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
-            drop_path_rate=m.drop_path_rate, out_indices=m.out_indices, method_options=m.method_options,
-            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg),
-        )
+    builder = staticmethod(build_segmentor)
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:
         seg = unwrap(model, SegModel)

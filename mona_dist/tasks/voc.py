@@ -24,9 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.preprocess import DataPreprocessor, resize_target
-from ..models import BACKBONES
-from .base import Task, register_task
-from .heads import class_count
+from ..models import backbone_spec
+from .base import register_task
+from .dense import DenseTask
 from .heads.mmdet_detector import MMDetDetector, backbone_config, build_detector, gather_to_main, predict_dataset
 
 
@@ -81,7 +81,7 @@ def build_retinanet(
 ) -> MMDetDetector:
     """RetinaNet for `num_classes` object classes (our labels 1..K; mmdet's 0..K-1 inside) on Swin stages 1-3."""
     head = head if isinstance(head, VocHeadOptions) else VocHeadOptions.model_validate(head or {})
-    if not BACKBONES.get(backbone).timm_name.startswith("swin"):
+    if backbone_spec(backbone).family != "swin":
         raise ValueError(f"RetinaNet takes a Swin backbone (stages 1-3), got {backbone!r}")
     # Only stages 1-3 leave the backbone: stage 0's output norm would be an unused parameter under DDP.
     backbone_kwargs["out_indices"] = backbone_kwargs.get("out_indices") or (1, 2, 3)
@@ -187,22 +187,11 @@ def evaluate_voc(model, loader, num_classes: int, iou_thresh: float = 0.5) -> di
 
 
 @register_task("voc")
-class VocTask(Task):
+class VocTask(DenseTask):
     """Pascal VOC detection; `model.num_classes` defaults to the train shards' class list."""
 
     head_options = VocHeadOptions
-
-    def check(self, cfg) -> None:
-        super().check(cfg)
-        class_count(cfg)
-
-    def build_model(self, cfg) -> MMDetDetector:
-        m = cfg.model
-        return build_retinanet(
-            m.backbone, m.method, class_count(cfg), self.options(cfg), pretrained=m.pretrained,
-            drop_path_rate=m.drop_path_rate, out_indices=m.out_indices, method_options=m.method_options,
-            swin_arithmetic=m.swin_arithmetic, preprocessor=self.preprocessor(cfg),
-        )
+    builder = staticmethod(build_retinanet)
 
     def evaluate(self, model, loader, dist) -> dict[str, float]:
         classes = loader.shards.classes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mona_dist.cli import DefaultsFormatter, add_run_arguments
+from mona_dist.cli_args import DefaultsFormatter, add_run_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -73,6 +73,18 @@ def test_a_file_of_another_model_is_one_line_naming_both_values(tmp_path, other,
     assert str(err.value) == f"{path} {said}"
 
 
+def test_how_mona_was_computed_is_neither_recorded_nor_checked(tmp_path):
+    src = _trained("mona", recompute=False, fused=False)
+    path = save_adapter(src, tmp_path / "a.safetensors")
+    assert "recompute" not in read_adapter_metadata(path)["method_options"]
+    dst = build_backbone("swin_nano_patch4_window7", "mona").eval()  # recompute and fused by default
+    dst.trunk.load_state_dict(src.trunk.state_dict())
+    load_adapter(dst, path)
+    x = torch.randn(1, 3, 64, 64)
+    for a, b in zip(dst(x), src(x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32 rounding only
+
+
 def test_an_older_file_without_metadata_still_loads(tmp_path):
     src = _trained("lora", rank=4)
     path = tmp_path / "old.safetensors"
@@ -97,7 +109,8 @@ def test_a_backbone_is_built_from_the_file_alone(tmp_path):
     path = save_adapter(src, tmp_path / "a.safetensors", pretrained=str(pretrained))
     bb = build_backbone_from_adapter(path).eval()  # options, outputs, arithmetic and the trunk's weights: the file's
     assert (bb.method, bb.out_indices, bb.swin_arithmetic) == ("mona", (1, 3), "timm")
-    assert bb.method_options == {"inner_dim": 16, "kernels": (3, 5), "dropout": 0.1}
+    # the file's options; how Mona computes (recompute, fused) is not the file's to say: the defaults
+    assert bb.method_options == {"inner_dim": 16, "kernels": (3, 5), "dropout": 0.1, "recompute": True, "fused": True}
     x = torch.randn(1, 3, 64, 64)
     for a, b in zip(bb(x), src.eval()(x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

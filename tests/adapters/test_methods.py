@@ -138,7 +138,7 @@ def test_large_backbones_build_for_every_method_with_nchw_outputs_at_the_right_s
 def test_unknown_method_backbone_and_option_name_the_valid_ones():
     with pytest.raises(KeyError, match="valid: adapter, adaptformer, bitfit, e3va"):
         build_backbone("swin_nano_patch4_window7", "monaa")
-    with pytest.raises(KeyError, match="valid: .*swin_large_patch4_window7_224"):
+    with pytest.raises(ValueError, match="unknown backbone 'swin_l'; valid: .*; close: swin_large_patch4_window7_224"):
         build_backbone("swin_l", "mona")
     with pytest.raises(ValueError, match="no option 'rnak'; valid: rank"):
         build_backbone("swin_nano_patch4_window7", "lora", rnak=4)

@@ -116,3 +116,56 @@ def run_swin_mona(rank: int, world_size: int, port: int, variants: list[dict], o
             "n_trainable": len(trainable0),
         }
     write_result(Path(out), rank, results)
+
+
+def full_grads(engine, model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's gradient after `engine.backward`, whole and averaged over the ranks, by
+    state_dict name (collective under DeepSpeed and FSDP: call on every rank in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    from mona_dist.adapters.io import clean_name
+
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if engine.cfg.name == "deepspeed":
+            from deepspeed.utils import safe_get_full_grad
+
+            g = safe_get_full_grad(p)
+        else:
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        out[clean_name(name)] = g.detach().float().cpu().clone()
+    return out
+
+
+MONA_OPTIONS = {"plain": {"recompute": False, "fused": False}, "recomputed": {"fused": False}, "default": {}}
+
+
+def run_mona_grads(rank: int, world_size: int, port: int, variants: list[dict], out: str) -> None:
+    """Per engine variant: one step's gradients of a tiny Swin with Mona (odd grids, dropout on, masks drawn from
+    the same seed), computed with the plain official ops, recomputed only, and recomputed and fused (the default)."""
+    from mona_dist.models import build_backbone
+    from mona_dist.tasks.cls import Classifier, ClsHeadOptions
+
+    init_group(rank, world_size, port)
+    g = torch.Generator().manual_seed(rank)
+    # 36 x 44: grids 9x11, 5x6, 3x3, 2x2 (the official arithmetic pads odd sizes)
+    batch = {"images": torch.randn(2, 3, 36, 44, generator=g), "labels": torch.randint(0, 4, (2,), generator=g)}
+    results = {}
+    for spec in variants:
+        cfg = EngineConfig(**spec)
+        grads = {}
+        for label, options in MONA_OPTIONS.items():
+            torch.manual_seed(0)
+            model = Classifier(build_backbone("swin_nano_patch4_window7", "mona", **options), 4, ClsHeadOptions())
+            engine = build_engine(model, cfg, OptimConfig(lr=1e-3, weight_decay=0.0), micro_batch_size=2,
+                                  world_size=world_size)
+            engine.train()
+            torch.manual_seed(100 + rank)  # this rank's dropout masks, the same for every label
+            engine.backward(engine(batch)["loss"])
+            grads[label] = full_grads(engine, model)
+            engine.release()
+        key = f"{cfg.name}{cfg.zero_stage}" + ("-ac" if cfg.activation_checkpointing else "")
+        results[key] = grads
+    write_result(Path(out), rank, results)

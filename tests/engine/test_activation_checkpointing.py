@@ -82,3 +82,25 @@ def test_swin_mona_every_adapter_gets_its_gradient():
     for name, grad in got.items():
         assert grad is not None and grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointed_blocks_keep_no_mona_input_of_their_own():
+    """Mona recomputes itself from its input; inside a checkpointed block that nested checkpoint would keep every
+    Mona's input alive beside the block's until backward. Activation checkpointing turns it off there."""
+    import gc
+    import weakref
+
+    from mona_dist.adapters.blocks import Recompute
+
+    torch.manual_seed(0)
+    bb = build_backbone("swin_nano_patch4_window7", "mona").train()
+    enable_activation_checkpointing(bb)
+    inputs = []
+    for m in bb.modules():
+        if isinstance(m, Recompute):
+            m.register_forward_pre_hook(lambda _m, args: inputs.append(weakref.ref(args[1])))
+    out = bb(torch.randn(2, 3, 32, 32))
+    gc.collect()
+    assert len(inputs) == 16 and not any(r() is not None for r in inputs)
+    sum(o.sum() for o in out).backward()
+    assert all(p.grad is not None for p in bb.parameters() if p.requires_grad)

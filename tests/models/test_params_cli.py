@@ -26,4 +26,4 @@ def test_bad_backbone_is_one_line_naming_the_valid_ones():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown backbone 'swin_xl'; valid:" in lines[0]
-    assert "swin_large_patch4_window7_224" in lines[0]
+    assert "any timm SwinTransformer (v1) or VisionTransformer" in lines[0]

@@ -71,10 +71,10 @@ def backbone_config(backbone: str, method: str, *, pretrained: str | None = None
                     swin_arithmetic: str = "official") -> tuple[dict, list[int], list[int]]:
     """(the mmdet config of our backbone, its out_channels, its out_strides): `mmseg.MonaSwin` / `mmseg.MonaViT`,
     as an mmdet config would name a backbone registered in mmseg's scope."""
-    from ...models import BACKBONES, build_backbone
+    from ...models import backbone_spec, build_backbone
 
     out_indices = tuple(out_indices) if out_indices is not None else None
-    swin = BACKBONES.get(backbone).timm_name.startswith("swin")
+    swin = backbone_spec(backbone).family == "swin"
     cfg = dict(type="mmseg.MonaSwin" if swin else "mmseg.MonaViT", arch=backbone, method=method,
                pretrained=pretrained, out_indices=out_indices, drop_path_rate=drop_path_rate,
                method_options=method_options or {}, swin_arithmetic=swin_arithmetic)
