@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mona_dist import distributed
+    from mona_dist import distributed, gpu_binding
 
-    distributed.hide_cuda_under_cpu_accelerator()  # before anything starts CUDA: a CPU DeepSpeed run stays on the CPU
+    gpu_binding.hide_cuda_under_cpu_accelerator()  # before anything starts CUDA: a CPU DeepSpeed run stays on the CPU
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args) or 0)

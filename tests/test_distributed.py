@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mona_dist import distributed
+from mona_dist import distributed, gpu_binding
 from mona_dist.distributed import DistState, detect, first_host, slurm_port, tasks_per_node
 from ports import free_port
 
@@ -153,7 +153,7 @@ EIGHT_PER_NODE = SRUN_TASK_ENV | {"SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SL
 def test_one_gpu_per_task_uses_and_exports_cuda0_whatever_the_local_id():
     state = detect(EIGHT_PER_NODE)
     assert state.local_rank == 3 and state.local_world_size == 8
-    device = distributed.cuda_index(state.local_rank, count=1, local_world_size=8)
+    device = gpu_binding.cuda_index(state.local_rank, count=1, local_world_size=8)
     env = distributed.exports(state, device)
     # DeepSpeed calls torch.cuda.set_device(LOCAL_RANK): it must be the visible index, or "invalid device ordinal"
     assert device == 0 and env["LOCAL_RANK"] == "0" and env["RANK"] == "3" and env["LOCAL_WORLD_SIZE"] == "8"
@@ -162,24 +162,24 @@ def test_one_gpu_per_task_uses_and_exports_cuda0_whatever_the_local_id():
 
 def test_all_gpus_visible_to_every_task_maps_local_rank_to_its_index():
     state = detect(EIGHT_PER_NODE)
-    assert distributed.cuda_index(state.local_rank, count=8, local_world_size=8) == 3
+    assert gpu_binding.cuda_index(state.local_rank, count=8, local_world_size=8) == 3
     assert distributed.exports(state, 3)["LOCAL_RANK"] == "3"
 
 
 def test_more_local_ranks_than_visible_gpus_is_one_line(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     with pytest.raises(ValueError) as err:
-        distributed.cuda_index(5, count=4, local_world_size=8)
+        gpu_binding.cuda_index(5, count=4, local_world_size=8)
     msg = str(err.value)
     assert "\n" not in msg and "LOCAL_RANK=5" in msg and "only 4 CUDA devices" in msg and "0,1,2,3" in msg
     assert "--gpus-per-task=1" in msg
     with pytest.raises(ValueError, match="no CUDA device"):
-        distributed.cuda_index(0, count=0)
+        gpu_binding.cuda_index(0, count=0)
 
 
 def test_two_ranks_of_one_node_on_the_same_gpu_are_named():
-    assert distributed.gpu_collisions([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a"), ("n2", "GPU-b")]) is None
-    msg = distributed.gpu_collisions([("n1", "GPU-a"), ("n1", "GPU-b"), ("n1", "GPU-a")])
+    assert gpu_binding.gpu_collisions([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a"), ("n2", "GPU-b")]) is None
+    msg = gpu_binding.gpu_collisions([("n1", "GPU-a"), ("n1", "GPU-b"), ("n1", "GPU-a")])
     assert msg is not None and "\n" not in msg
     assert "ranks 0 and 2 on n1 both use GPU GPU-a" in msg and "--gpus-per-task=1" in msg
 
@@ -203,7 +203,7 @@ def test_gpu_check_uses_only_the_rendezvous_store():
         def rank_main(rank: int) -> None:
             state = distributed.DistState(rank, rank, 2, 2, 0, "127.0.0.1", port, "torchrun")
             try:
-                distributed._check_distinct_gpus(state, torch_dist.PrefixStore(prefix, stores[rank]), uuids[rank],
+                gpu_binding.check_distinct_gpus(state, torch_dist.PrefixStore(prefix, stores[rank]), uuids[rank],
                                                  host="n1")
             except ValueError as err:
                 errors[rank] = str(err)
@@ -227,7 +227,7 @@ def test_fsdp_offload_on_cuda_joins_a_group_that_reduces_host_tensors():
     trainable weights). No NCCL group can be made without a GPU; the backend string each run asks for is shown
     here, and tests/test_gpu_paths.py runs the offloaded engine on CUDA."""
     from mona_dist.config.schema import EngineConfig
-    from mona_dist.train.loop import host_collectives
+    from mona_dist.train.setup import host_collectives
 
     offload = host_collectives(EngineConfig(name="fsdp", offload_params=True))
     assert distributed.process_group_backend(cuda=True, cpu_collectives=offload) == "cuda:nccl,cpu:gloo"
@@ -240,11 +240,11 @@ def test_fsdp_offload_on_cuda_joins_a_group_that_reduces_host_tensors():
 def test_cpu_accelerator_hides_the_gpus_the_deepspeed_launcher_exposes():
     # `deepspeed --num_gpus 2` sets CUDA_VISIBLE_DEVICES=0,1 for its ranks even with DS_ACCELERATOR=cpu
     env = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "0,1"}
-    assert distributed.hide_cuda_under_cpu_accelerator(env) and env["CUDA_VISIBLE_DEVICES"] == ""
-    assert not distributed.hide_cuda_under_cpu_accelerator(env)  # already hidden
+    assert gpu_binding.hide_cuda_under_cpu_accelerator(env) and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert not gpu_binding.hide_cuda_under_cpu_accelerator(env)  # already hidden
     gpu_run = {"DS_ACCELERATOR": "cuda", "CUDA_VISIBLE_DEVICES": "0,1"}
-    assert not distributed.hide_cuda_under_cpu_accelerator(gpu_run) and gpu_run["CUDA_VISIBLE_DEVICES"] == "0,1"
-    assert not distributed.hide_cuda_under_cpu_accelerator({"CUDA_VISIBLE_DEVICES": "0"})
+    assert not gpu_binding.hide_cuda_under_cpu_accelerator(gpu_run) and gpu_run["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert not gpu_binding.hide_cuda_under_cpu_accelerator({"CUDA_VISIBLE_DEVICES": "0"})
 
 
 def test_the_cpu_suite_sees_no_cuda_and_neither_do_its_subprocesses():

@@ -24,7 +24,7 @@ def cuda():
 
 @pytest.fixture
 def nccl_group(monkeypatch):
-    """A one-rank NCCL group in memory, as `train.loop.join_group` makes for DeepSpeed in one process on a GPU."""
+    """A one-rank NCCL group in memory, as `train.setup.join_group` makes for DeepSpeed in one process on a GPU."""
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
         monkeypatch.setenv(key, value)
     if tdist.is_initialized():
@@ -36,7 +36,7 @@ def nccl_group(monkeypatch):
 
 @pytest.fixture
 def offload_group(monkeypatch):
-    """The one-rank group `train.loop.join_group` makes for FSDP with CPU offload on a GPU: NCCL for CUDA tensors,
+    """The one-rank group `train.setup.join_group` makes for FSDP with CPU offload on a GPU: NCCL for CUDA tensors,
     gloo for the host ones (issue 25, item 1)."""
     from mona_dist.distributed import process_group_backend
 

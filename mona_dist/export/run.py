@@ -19,7 +19,7 @@ def backbone_from_checkpoint(cfg, checkpoint: str) -> tuple[Backbone, Path, int,
     from mona_dist.tasks import TASKS
     from mona_dist.infer.restore import find_checkpoint
     from mona_dist.train.checkpoint import check_meta, frozen_fingerprint
-    from mona_dist.train.loop import build_task_model
+    from mona_dist.train.setup import build_task_model
 
     ckpt, _ = find_checkpoint(cfg.output_dir, checkpoint)  # as eval/predict and train --resume find it
     adapter = ckpt / "adapter.safetensors"

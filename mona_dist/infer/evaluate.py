@@ -25,7 +25,7 @@ def run_eval(cfg: Config, checkpoint: str, out: str | None) -> dict[str, float]:
     """Collective. The metrics (valid on rank 0, {} elsewhere for detection tasks); rank 0 writes them to
     `out`/metrics.json and `out`/tb when `out` is given, and prints them as one JSON line."""
     from mona_dist.infer.restore import restore
-    from mona_dist.train.loop import evaluate
+    from mona_dist.train.evaluation import evaluate
 
     if out is not None and Path(out).resolve() == Path(cfg.output_dir).resolve():
         raise ValueError(f"--out {out} is the run's output_dir; eval writes elsewhere (e.g. {out}/eval)")

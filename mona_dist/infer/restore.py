@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from mona_dist.config import Config
-from mona_dist.distributed import DistState
+from mona_dist.distributed import DistState, rank0_decides
 from mona_dist.engine import Engine
 from mona_dist.tasks import Task
-from mona_dist.train.checkpoint import _agree, resolve_resume, restore_model
+from mona_dist.train.checkpoint import resolve_resume, restore_model
 
 
 @dataclass
@@ -34,10 +34,10 @@ def find_checkpoint(output_dir: str | Path, spec: str) -> tuple[Path, str | None
 
 def restore(cfg: Config, spec: str) -> Restored:
     """Collective. Ranks, the model and engine as the run built them, the checkpoint `spec` loaded, eval mode."""
-    from mona_dist.train.loop import build_model_and_engine, start
+    from mona_dist.train.setup import build_model_and_engine, start
 
     dist, cfg, _, task = start(cfg)
-    path, note = _agree(dist, find_checkpoint, cfg.output_dir, spec)  # rank 0 looks; its answer or error on all
+    path, note = rank0_decides(dist, find_checkpoint, cfg.output_dir, spec)  # rank 0 looks; its answer or error on all
     engine, meta, _, _ = build_model_and_engine(cfg, task, dist)
     saved, notes = restore_model(path, engine, dist, expect=meta)
     engine.train(False)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -41,19 +40,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 
 from mona_dist.adapters import save_adapter
 from mona_dist.disk import DiskFull, is_disk_full, remove
-from mona_dist.distributed import DistState, barrier
+from mona_dist.distributed import DistState, barrier, rank0_decides
 from mona_dist.engine import Engine
 from mona_dist.data.plan import mix_seed
 from mona_dist.data.relayout import resume_stream
 from mona_dist.serialization import safe_torch_load
 from mona_dist.train.buffers import BUFFERS, load_buffers, persistent_buffers
+from mona_dist.train.rng import rng_state, seed_everything, set_rng_state
 
 FORMAT = "mona-dist-checkpoint/1"
-MODEL_KEYS = ("backbone", "method", "method_options")  # meta.json's description of the model (loop.model_meta)
+MODEL_KEYS = ("backbone", "method", "method_options")  # meta.json's description of the model (setup.model_meta)
 LATEST = "latest"
 
 
@@ -63,32 +62,6 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-# -- RNG -----------------------------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """Every generator the loop draws from, as tensors and plain values (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        # This rank's own device only: a requeued job may see fewer GPUs per task (one, under --gpus-per-task=1).
-        state["cuda_device"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda_device" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_device"])
 
 
 def frozen_fingerprint(model: torch.nn.Module) -> float:
@@ -107,7 +80,7 @@ def save_checkpoint(output_dir: str | Path, step: int, engine: Engine, loader: A
     final, partial = root / step_name(step), root / f".{step_name(step)}.partial"
     # Rank 0 decides for all (as loading does): a rank that decided alone (a stale NFS lookup, a save right after
     # the checkpoint step) would skip the collectives below that the others wait in.
-    if _agree(dist, (final / "meta.json").is_file):
+    if rank0_decides(dist, (final / "meta.json").is_file):
         return final
     if dist.is_main:
         shutil.rmtree(partial, ignore_errors=True)
@@ -294,21 +267,6 @@ def verify_files(path: Path, world_size: int) -> None:
             raise ValueError(f"checkpoint {path}: {f.relative_to(path)} is truncated or not a torch file")
 
 
-def _agree(dist: DistState, fn, *args) -> Any:
-    """Run `fn` on rank 0 and hand its result (or its one-line error) to every rank."""
-    box: list[Any] = [None]
-    if dist.is_main:
-        try:
-            box[0] = ("ok", fn(*args))
-        except (ValueError, FileNotFoundError) as err:
-            box[0] = ("error", type(err).__name__, str(err))
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.broadcast_object_list(box, src=0)
-    if box[0][0] == "error":
-        raise (FileNotFoundError if box[0][1] == "FileNotFoundError" else ValueError)(box[0][2])
-    return box[0][1]
-
-
 def _trainer_state(path: Path, rank: int) -> dict[str, Any]:
     state = safe_torch_load(path / f"rank-{rank:05d}.pt")
     if not isinstance(state, dict) or not {"step", "rng", "loader"} <= state.keys():
@@ -373,7 +331,7 @@ def load_checkpoint(path: Path, engine: Engine, loader: Any, dist: DistState, ex
 
     `expect` lists meta.json values this run must match (engine, ZeRO stage, task, frozen-weight fingerprint)."""
     same_layout = dist.rank == 0 and _own_layout_matches(path, loader)
-    meta, loader_states = _agree(dist, _prepare, path, expect, dist.world_size, same_layout)
+    meta, loader_states = rank0_decides(dist, _prepare, path, expect, dist.world_size, same_layout)
     old_world = int(meta["world_size"])
     notes = _load_engine(path, engine, meta, dist)
     try:
@@ -383,7 +341,7 @@ def load_checkpoint(path: Path, engine: Engine, loader: Any, dist: DistState, ex
     if state is not None:
         set_rng_state(state["rng"])
     else:  # a rank the checkpoint did not have: its own stream of dropout draws from here on
-        seed_all(mix_seed(seed, dist.rank, int(meta["step"]), "resumed-rank"))
+        seed_everything(mix_seed(seed, dist.rank, int(meta["step"]), "resumed-rank"))
     if loader_states is None:
         loader.load_state_dict(state["loader"])
     else:
@@ -423,7 +381,7 @@ def _checked(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
 def restore_model(path: Path, engine: Engine, dist: DistState, expect: dict[str, Any]) -> tuple[dict, list[str]]:
     """Collective. The model state of a checkpoint, as `load_checkpoint` restores it for a resume (engine state,
     buffers), without the trainer's RNG and data position: what eval and predict run. Returns (meta, notes)."""
-    meta = _agree(dist, _checked, path, expect)
+    meta = rank0_decides(dist, _checked, path, expect)
     notes = _load_engine(path, engine, meta, dist)
     barrier()
     return meta, notes
@@ -437,8 +395,3 @@ def _own_layout_matches(path: Path, loader: Any) -> bool:
         return False  # _prepare reports the file
     return "carry" not in saved and saved.get("layout") == loader._layout()
 
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

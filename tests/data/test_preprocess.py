@@ -18,7 +18,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @pytest.fixture
 def single_process_group(monkeypatch):
-    """A one-rank gloo group in memory, as `train.loop.join_group` makes for DeepSpeed in one process (with the
+    """A one-rank gloo group in memory, as `train.setup.join_group` makes for DeepSpeed in one process (with the
     variables `distributed.init_distributed` exports)."""
     import torch.distributed as tdist
 

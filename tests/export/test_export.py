@@ -17,7 +17,7 @@ from mona_dist.config import load_config
 from mona_dist.export import merged_trunk, write_timm
 from mona_dist.models import BACKBONES, build_backbone
 from mona_dist.tasks import TASKS
-from mona_dist.train.loop import seed_everything
+from mona_dist.train.rng import seed_everything
 
 TOL = 1e-5  # fp32: (W + s B A) x against W x + s B (A x), and LayerNorm over the same sums
 
