@@ -68,3 +68,20 @@ def synthetic_set(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture
+def one_gloo_rank(monkeypatch):
+    """This process as rank 0 of a world of 1 (a gloo group over an in-memory store, the launcher's variables set),
+    as `mona-dist train` on one process; the group is destroyed afterwards."""
+    import torch.distributed as tdist
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(key, value)
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    yield
+    if tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -140,38 +140,27 @@ class FrozenMiddle(nn.Module):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_gathered_weights_are_not_activations_under_any_engine(monkeypatch):
+def test_gathered_weights_are_not_activations_under_any_engine(one_gloo_rank):
     """Issue 25, item 4: the frozen weight ZeRO-3 gathers into its parameter and FSDP2 into an unsharded twin was
     counted as an activation (4.2 MB beside DDP's 8 KiB). DDP, ZeRO-0 and FSDP keep the same 8 KiB: the input
     layer's input (2x16 fp32), the head's input (2x1024 fp32) and the loss's square's input (2x2 fp32). ZeRO-3
     keeps the frozen layer's input too (2x1024 fp32): DeepSpeed replaces F.linear by its own autograd function,
     which saves the input of every Linear, frozen or not."""
-    import torch.distributed as tdist
-
     from mona_dist.config.schema import EngineConfig, OptimConfig
     from mona_dist.engine import build_engine
 
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
-        monkeypatch.setenv(key, value)
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
-    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
     batch = {"x": torch.randn(2, 16)}
     saved = {}
-    try:
-        for name, cfg in {"ddp": EngineConfig(name="ddp"), "fsdp": EngineConfig(name="fsdp"),
-                          "zero0": EngineConfig(name="deepspeed", zero_stage=0),
-                          "zero3": EngineConfig(name="deepspeed", zero_stage=3)}.items():
-            model = FrozenMiddle()
-            engine = build_engine(model, cfg, OptimConfig(), micro_batch_size=2, device=torch.device("cpu"))
-            for step in range(2):  # the second forward is the one counted, as bench counts a step after warm-up
-                count, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()))
-                engine.backward(loss)
-                engine.step()
-            saved[name] = count
-            engine.release()
-    finally:
-        tdist.destroy_process_group()
+    for name, cfg in {"ddp": EngineConfig(name="ddp"), "fsdp": EngineConfig(name="fsdp"),
+                      "zero0": EngineConfig(name="deepspeed", zero_stage=0),
+                      "zero3": EngineConfig(name="deepspeed", zero_stage=3)}.items():
+        model = FrozenMiddle()
+        engine = build_engine(model, cfg, OptimConfig(), micro_batch_size=2, device=torch.device("cpu"))
+        for step in range(2):  # the second forward is the one counted, as bench counts a step after warm-up
+            count, loss = saved_activation_bytes(lambda: engine(batch)["loss"], exclude=list(model.parameters()))
+            engine.backward(loss)
+            engine.step()
+        saved[name] = count
+        engine.release()
     kept = (2 * 16 + 2 * 1024 + 2 * 2) * 4
     assert saved == {"ddp": kept, "fsdp": kept, "zero0": kept, "zero3": kept + 2 * 1024 * 4}, saved

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as tdist
 
 from mona_dist.config import load_config
 from mona_dist.config.loader import ConfigError
@@ -58,31 +57,9 @@ def test_odd_bucket_settings_are_refused_in_one_line(tmp_path):
     assert deepspeed_config(cfg.engine, 2, 1)["zero_optimization"]["allgather_bucket_size"] == 5e8
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    """One gloo rank, as `mona-dist train` on one process."""
-    import os
-
-    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT="29517")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from mona_dist.engine.deepspeed_compat import drop_stale_groups
-
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
-    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
-    drop_stale_groups()
-    yield
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_shipped_recipe_passes_deepspeeds_own_zero_initialization(name, one_rank):
+def test_every_shipped_recipe_passes_deepspeeds_own_zero_initialization(name, one_gloo_rank):
     """The real task model (built on the meta device, then given uninitialised CPU memory: no weights, no
     training), our engine's DeepSpeed config from its trainable tensors, and DeepSpeed's initialization of the
     recipe's ZeRO optimizer on CPU, in the recipe's precision (bf16 for fp16: the CPU accelerator has no fp16)."""
@@ -111,7 +88,7 @@ def test_every_shipped_recipe_passes_deepspeeds_own_zero_initialization(name, on
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["coco", "voc"])
-def test_the_benchs_deepspeed_runs_pass_deepspeeds_own_zero_initialization(task, one_rank):
+def test_the_benchs_deepspeed_runs_pass_deepspeeds_own_zero_initialization(task, one_gloo_rank):
     """`mona-dist bench --engine deepspeed --zero 2` builds each method's engine the way training does: the
     paper-size detectors (the bench's defaults: Swin-B Cascade Mask R-CNN, Swin-L RetinaNet), every default method."""
     from mona_dist.bench.cli import DEFAULT_METHODS

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-import torch.distributed as tdist
 from torch import nn
 
 from mona_dist.config.schema import EngineConfig, OptimConfig
@@ -30,27 +29,18 @@ def test_gradients_are_reduced_in_fp32_unless_the_override_file_says_otherwise(t
 
 
 @pytest.mark.slow
-def test_the_real_zero2_bf16_engine_reduces_in_fp32(monkeypatch):
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
-        monkeypatch.setenv(key, value)
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
-    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        engine = build_engine(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)),
-                              EngineConfig(name="deepspeed", zero_stage=2, precision="bf16"), OptimConfig(lr=1e-3),
-                              micro_batch_size=2, device=torch.device("cpu"))
-        assert engine.ds.communication_data_type == torch.float32  # DeepSpeed 0.19's own default: bfloat16
-        assert engine.ds.optimizer.communication_data_type == torch.float32  # what ZeRO-2 reduces its buckets in
-        loss = engine.module(torch.ones(2, 8, dtype=torch.bfloat16)).float().sum()
-        engine.backward(loss)
-        engine.step()  # a step runs with the fp32 reduction
-        assert torch.isfinite(engine.grad_norm).all()
-        engine.release()
-    finally:
-        tdist.destroy_process_group()
+def test_the_real_zero2_bf16_engine_reduces_in_fp32(one_gloo_rank):
+    torch.manual_seed(0)
+    engine = build_engine(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)),
+                          EngineConfig(name="deepspeed", zero_stage=2, precision="bf16"), OptimConfig(lr=1e-3),
+                          micro_batch_size=2, device=torch.device("cpu"))
+    assert engine.ds.communication_data_type == torch.float32  # DeepSpeed 0.19's own default: bfloat16
+    assert engine.ds.optimizer.communication_data_type == torch.float32  # what ZeRO-2 reduces its buckets in
+    loss = engine.module(torch.ones(2, 8, dtype=torch.bfloat16)).float().sum()
+    engine.backward(loss)
+    engine.step()  # a step runs with the fp32 reduction
+    assert torch.isfinite(engine.grad_norm).all()
+    engine.release()
 
 
 def zero2_fp16_optimizer_state() -> dict:
