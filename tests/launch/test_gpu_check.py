@@ -52,6 +52,18 @@ def test_the_deepspeed_launcher_runs_as_a_module_of_this_interpreter():
     assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
+def ended(pid: int, seconds: float = 5.0) -> bool:
+    """Whether process `pid` is gone (or a zombie being reaped) within `seconds`."""
+    for _ in range(int(seconds * 10)):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_a_step_past_its_limit_is_killed_with_its_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     cmd = ["bash", "-c", f"sleep 300 & echo $! > {pid_file}; wait"]
@@ -59,15 +71,7 @@ def test_a_step_past_its_limit_is_killed_with_its_children(tmp_path):
     result = gpu_check.run_step("slow", cmd, 2, tmp_path, gpu_check.child_env("cpu"))
     assert result["status"] == "timeout" and time.monotonic() - t0 < 30
     child = int(pid_file.read_text())
-    for _ in range(50):  # the child was in the step's process group: it is gone (or a zombie being reaped)
-        try:
-            state = Path(f"/proc/{child}/stat").read_text().split()[2]
-        except FileNotFoundError:
-            break
-        if state == "Z":
-            break
-        time.sleep(0.1)
-    else:
+    if not ended(child):  # the child was in the step's process group
         pytest.fail(f"the step's child {child} survived its time limit")
 
 
@@ -79,15 +83,7 @@ def test_a_step_whose_children_ignore_sigterm_is_killed_whole(tmp_path):
     result = gpu_check.run_step("stubborn", cmd, 2, tmp_path, gpu_check.child_env("cpu"))
     assert result["status"] == "timeout"
     child = int(pid_file.read_text())
-    for _ in range(50):
-        try:
-            state = Path(f"/proc/{child}/stat").read_text().split()[2]
-        except FileNotFoundError:
-            break
-        if state == "Z":
-            break
-        time.sleep(0.1)
-    else:
+    if not ended(child):
         os.kill(child, 9)
         pytest.fail(f"the step's child {child}, which ignores SIGTERM, survived its time limit")
 

@@ -27,9 +27,22 @@ def slurm_cluster(tmp_path_factory):
     Skips only when SLURM cannot be installed at all (no apt, no network) and not in CI (CI set), where it must run.
     Daemons are stopped by pid afterwards, whatever the tests did.
     """
-    root = tmp_path_factory.mktemp("slurm")
+    yield from started_cluster(tmp_path_factory.mktemp("slurm"))
+
+
+@pytest.fixture(scope="module")
+def binding_cluster(tmp_path_factory):
+    """A second cluster that binds each task to its step's CPUs (task/affinity on the machine's real CPUs)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to tell 1 from 2")
+    yield from started_cluster(tmp_path_factory.mktemp("slurm-bind"), bind_cpus=True)
+
+
+def started_cluster(root, **options):
+    """Start a test cluster in `root` (cluster.start's options), yield it, stop it whatever the tests did; skip
+    where SLURM cannot be had, fail in CI."""
     try:
-        cluster = cluster_mod.start(root)
+        cluster = cluster_mod.start(root, **options)
     except cluster_mod.ClusterUnavailable as err:
         if os.environ.get("CI"):
             pytest.fail(f"SLURM test cluster unavailable in CI: {err}")

@@ -9,7 +9,6 @@ environment would.
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -20,24 +19,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def binding_cluster(tmp_path_factory):
-    cluster_mod = sys.modules["mona_test_slurm_cluster"]  # tests/slurm/conftest.py loaded cluster.py under this name
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs 2 CPUs to tell 1 from 2")
-    root = tmp_path_factory.mktemp("slurm-bind")
-    try:
-        cluster = cluster_mod.start(root, bind_cpus=True)
-    except cluster_mod.ClusterUnavailable as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"SLURM test cluster unavailable in CI: {err}")
-        pytest.skip(f"SLURM test cluster unavailable: {err}")
-    try:
-        yield cluster
-    finally:
-        cluster_mod.stop(root)
 
 
 def test_each_rank_is_bound_to_its_cpus_per_task(binding_cluster, tmp_path):
